@@ -1,0 +1,307 @@
+"""The `rlhf_pipeline` Prefect flow: iterated RLHF, one task per stage.
+
+    prompts, judge ← prepare(config)                         # validated before any model loads
+    evaluate(base)                                           # iteration 0
+    for k in 1..K:
+        samples     ← generate_samples(policy_k-1)           # rollout pool
+        preferences ← collect_feedback(samples)              # constitution judge + label noise
+        (k = 1)       warm_up_policy(best-of-n targets)      # supervised stage before RL
+        reward_model← train_reward_model(preferences)        # Bradley–Terry
+        policy_k    ← update_policy(reward_model)            # PPO inner loop under one controller
+        evaluate(policy_k)                                   # unsafe compliance, over-refusal, KL
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from flows import report
+from flows.run_state import RUNS, RunState, new_run_id
+from rlhf_core import schemas
+from rlhf_core.config import AlignflowConfig
+from rlhf_core.evaluation import eval_rows, summarize
+from rlhf_core.feedback import annotator_id, best_of_n, make_preferences, preference_stats
+from rlhf_core.prompts import build_prompt_table
+
+# Live actor handles are never task inputs (Prefect would hash them): tasks take the run id.
+STAGE = dict(cache_policy=NO_CACHE, log_prints=True)
+
+
+def _state(run_id: str) -> RunState:
+    return RUNS[run_id]
+
+
+def _artifact(key: str, markdown: str, description: str) -> None:
+    try:
+        create_markdown_artifact(key=key, markdown=markdown, description=description)
+    except Exception as e:  # an artifact is a view, never a reason to fail a run
+        get_run_logger().warning(f"could not create artifact {key}: {e}")
+
+
+def _artifact_key(run_id: str, suffix: str) -> str:
+    # Prefect artifact keys: lowercase letters, digits and dashes only.
+    base = "".join(c if c.isalnum() else "-" for c in run_id.lower())
+    return f"{base}-{suffix}"[:100]
+
+
+def prepare_run(cfg: AlignflowConfig, run_id: str | None = None) -> RunState:
+    """Validate prompt files and build the split *before* any model or actor starts.
+
+    Nothing is written unless every input is valid: the run folder is created only afterwards.
+    """
+    table = build_prompt_table(cfg.data)
+    run_id = run_id or new_run_id(cfg.run.name)
+    run_dir = Path(cfg.run.output_dir) / run_id
+    run_dir.mkdir(parents=True, exist_ok=False)
+    prompts_path = schemas.write_table(table, run_dir / "prompts.parquet", schemas.PROMPTS)
+    state = RunState(run_id=run_id, run_dir=run_dir, cfg=cfg, prompts=table.to_pylist())
+    counts = {f"{s}_{k}": sum(r["split"] == s and r["kind"] == k for r in state.prompts)
+              for s in ("train", "eval") for k in schemas.PROMPT_KINDS}
+    state.manifest = {"run_id": run_id, "created_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                      "config": cfg.model_dump(), "config_hash": cfg.hash(), "seed": cfg.run.seed,
+                      "split_seed": cfg.data.split_seed, "prompt_counts": counts,
+                      "data": {"prompts": {"path": str(prompts_path), "sha256": schemas.file_sha256(prompts_path)}},
+                      "iterations": {}}
+    state.save_manifest()
+    RUNS[run_id] = state
+    return state
+
+
+def _eval_prompts(state: RunState) -> list[dict]:
+    d, rows = state.cfg.data, [r for r in state.prompts if r["split"] == "eval"]
+    rng = np.random.default_rng(d.split_seed)
+    out = []
+    for kind, n in (("harmful", d.eval_harmful), ("benign", d.eval_benign), ("borderline", d.eval_borderline)):
+        pool = [r for r in rows if r["kind"] == kind]
+        idx = sorted(rng.permutation(len(pool))[: min(n, len(pool))])
+        out += [pool[i] for i in idx]
+    return out
+
+
+def _train_prompts(state: RunState, n: int, k: int) -> list[dict]:
+    """n training prompts, half harmful, half benign/borderline, resampled each iteration."""
+    rng = np.random.default_rng(state.cfg.run.seed * 7919 + k)
+    rows = [r for r in state.prompts if r["split"] == "train"]
+    harmful = [r for r in rows if r["kind"] == "harmful"]
+    other = [r for r in rows if r["kind"] != "harmful"]
+    h = n // 2
+    pick = lambda pool, m: [pool[i] for i in rng.choice(len(pool), m, replace=len(pool) < m)]  # noqa: E731
+    return pick(harmful, h) + pick(other, n - h)
+
+
+@task(**STAGE)
+def start_workers(run_id: str) -> dict:
+    """Start Ray (local, or RAY_ADDRESS), the actors, and train the judge's harm classifier."""
+    from rlhf_core.models import resolve_encoder_path, resolve_model_path
+    from workers.controller import RLHFWorkers, init_ray
+    st = _state(run_id)
+    cfg = st.cfg
+    resources = init_ray(cfg.resources.ray_address)
+    policy_path = resolve_model_path(cfg.policy.model)
+    encoder_path = resolve_encoder_path(cfg.feedback.encoder)
+    rm_path = resolve_encoder_path(resolve_model_path(cfg.reward_model.model))
+    st.workers = RLHFWorkers(cfg, policy_path, encoder_path, rm_path)
+    train = [r for r in st.prompts if r["split"] == "train"]
+    clf_path = str(st.run_dir / "judge" / "harm_classifier.npz")
+    os.makedirs(os.path.dirname(clf_path), exist_ok=True)
+    clf_metrics = st.workers.fit_harm_classifier([r["prompt"] for r in train],
+                                                 [int(r["kind"] == "harmful") for r in train], clf_path)
+    info = st.workers.constitution_info()
+    st.demonstrations = info["refusal_demonstrations"]
+    st.manifest.update(models={"policy": policy_path, "encoder": encoder_path, "reward_model_backbone": rm_path},
+                       judge={"constitution_version": info["version"], "harm_classifier": clf_path,
+                              "harm_classifier_metrics": clf_metrics},
+                       ray={"resources": {k: float(v) for k, v in resources.items() if k in ("CPU", "GPU", "memory")}})
+    st.save_manifest()
+    return {"policy": policy_path, "harm_classifier": clf_path}
+
+
+@task(**STAGE)
+def evaluate(run_id: str, k: int, use_adapter: bool | None = None, with_reward_model: bool | None = None) -> dict:
+    """Greedy answers on the held-out sets; unsafe compliance, over-refusal, reward, KL.
+
+    Iteration 0 is the base model (adapter disabled, no reward model yet).
+    """
+    st = _state(run_id)
+    use_adapter = k > 0 if use_adapter is None else use_adapter
+    with_reward_model = k > 0 if with_reward_model is None else with_reward_model
+    w, prompts = st.workers, _eval_prompts(st)
+    texts = [p["prompt"] for p in prompts]
+    with st.progress.task(f"iter {k}: evaluate (greedy)", len(texts)) as adv:
+        roll = w.generate(texts, greedy=True, use_adapter=use_adapter, progress=adv)
+    scores = w.judge(texts, roll["texts"])
+    rm = w.reward(texts, roll["texts"])["raw"] if with_reward_model else None
+    kls = w.sequence_kl(roll) if use_adapter else [0.0] * len(texts)
+    rows = eval_rows(prompts, roll["texts"], roll["num_tokens"], scores, rm, kls)
+    path = schemas.write_table(schemas.from_rows(rows, schemas.EVAL_RESULTS), st.iter_dir(k) / "eval.parquet",
+                               schemas.EVAL_RESULTS)
+    metrics = summarize(rows)
+    st.record(k, "eval", {"path": str(path), "sha256": schemas.file_sha256(path), "metrics": metrics})
+    print(f"iteration {k}: unsafe compliance {metrics['unsafe_compliance']:.1f}%  "
+          f"over-refusal {metrics['over_refusal']:.1f}%  KL {metrics['kl_to_reference']:.2f}")
+    return metrics
+
+
+@task(**STAGE)
+def generate_samples(run_id: str, k: int) -> str:
+    """Sample `responses_per_prompt` answers per training prompt from the current policy."""
+    st = _state(run_id)
+    cfg = st.cfg
+    n = cfg.warmup.prompts if (k == 1 and cfg.warmup.enabled) else cfg.data.train_prompts_per_iter
+    rows = _train_prompts(st, n, k)
+    reps = cfg.feedback.responses_per_prompt
+    flat = [r for r in rows for _ in range(reps)]
+    with st.progress.task(f"iter {k}: generate samples", len(flat)) as adv:
+        roll = st.workers.generate([r["prompt"] for r in flat], greedy=False, seed=cfg.run.seed * 100 + k,
+                                   progress=adv)
+    out = []
+    for j, (r, text, n_tok) in enumerate(zip(flat, roll["texts"], roll["num_tokens"])):
+        out.append({"sample_id": f"{r['prompt_id']}-{k}-{j}", "prompt_id": r["prompt_id"], "prompt": r["prompt"],
+                    "kind": r["kind"], "response": text, "origin": "policy", "policy_version": roll["policy_version"],
+                    "num_tokens": int(n_tok)})
+    path = schemas.write_table(schemas.from_rows(out, schemas.SAMPLES), st.iter_dir(k) / "samples.parquet",
+                               schemas.SAMPLES)
+    st.record(k, "samples", {"path": str(path), "sha256": schemas.file_sha256(path), "count": len(out)})
+    return str(path)
+
+
+@task(**STAGE, retries=1)
+def collect_feedback(run_id: str, k: int, samples_path: str) -> str:
+    """Constitution judge scores every candidate; noisy pairwise preferences + best-of-n targets."""
+    st = _state(run_id)
+    cfg = st.cfg.feedback
+    samples = schemas.read_table(samples_path, schemas.SAMPLES).to_pylist()
+    if cfg.include_demonstration:
+        rng = np.random.default_rng(st.cfg.run.seed * 31 + k)
+        seen = {}
+        for s in samples:
+            seen.setdefault(s["prompt_id"], s)
+        for pid, s in seen.items():
+            demo = st.demonstrations[int(rng.integers(len(st.demonstrations)))]
+            samples.append(dict(s, sample_id=f"{pid}-{k}-demo", response=demo, origin="demonstration",
+                                policy_version="constitution", num_tokens=0))
+    prompts, responses = [s["prompt"] for s in samples], [s["response"] for s in samples]
+    with st.progress.task(f"iter {k}: feedback (judge)", len(samples)) as adv:
+        scores = st.workers.judge(prompts, responses, progress=adv)
+    annotator = annotator_id(st.manifest["judge"]["constitution_version"], cfg.flip_prob, st.cfg.run.seed)
+    pairs = make_preferences(samples, scores, flip_prob=cfg.flip_prob, tie_margin=cfg.tie_margin,
+                             seed=st.cfg.run.seed * 17 + k, annotator=annotator, iteration=k)
+    d = st.iter_dir(k)
+    path = schemas.write_table(schemas.from_rows(pairs, schemas.PREFERENCES), d / "preferences.parquet",
+                               schemas.PREFERENCES)
+    targets = best_of_n(samples, scores)
+    tpath = schemas.write_table(schemas.from_rows(targets, schemas.SAMPLES), d / "warmup_targets.parquet",
+                                schemas.SAMPLES)
+    stats = preference_stats(pairs)
+    stats["demonstration_chosen"] = float(np.mean([t["origin"] == "demonstration" for t in targets]))
+    st.record(k, "preferences", {"path": str(path), "sha256": schemas.file_sha256(path), "annotator": annotator,
+                                 "warmup_targets": str(tpath), **stats})
+    return str(path)
+
+
+@task(**STAGE)
+def warm_up_policy(run_id: str, k: int) -> dict:
+    """Supervised warm-up on the judge's best-of-n answers (InstructGPT/Safe-RLHF start RL from SFT)."""
+    st = _state(run_id)
+    targets = schemas.read_table(st.iter_dir(k) / "warmup_targets.parquet", schemas.SAMPLES).to_pylist()
+    w = st.cfg.warmup
+    steps = w.epochs * -(-len(targets) // w.batch_size)
+    with st.progress.task(f"iter {k}: warm-up (SFT)", steps) as adv:
+        metrics = st.workers.warmup([t["prompt"] for t in targets], [t["response"] for t in targets], progress=adv)
+    st.record(k, "warmup", metrics)
+    return metrics
+
+
+@task(**STAGE, retries=1)
+def train_reward_model(run_id: str, k: int, preferences_path: str) -> str:
+    """Bradley–Terry reward model on this iteration's preferences, warm-started from the last one."""
+    st = _state(run_id)
+    pairs = schemas.read_table(preferences_path, schemas.PREFERENCES).to_pylist()
+    prev = st.run_dir / f"iter_{k - 1}" / "reward_model"
+    dest = st.iter_dir(k) / "reward_model"
+    with st.progress.task(f"iter {k}: train reward model", 1) as adv:
+        metrics = st.workers.train_reward_model(pairs, str(dest), init_from=str(prev) if prev.exists() else None)
+        adv(1)
+    st.record(k, "reward_model", {"path": str(dest), **metrics})
+    print(f"iteration {k}: reward model held-out pair accuracy {metrics.get('heldout_accuracy', float('nan')):.3f}")
+    return str(dest)
+
+
+@task(**STAGE)
+def update_policy(run_id: str, k: int) -> str:
+    """PPO against the reward model: the whole inner loop runs under one controller in this task."""
+    st = _state(run_id)
+    train = [r for r in st.prompts if r["split"] == "train"]
+    with st.progress.task(f"iter {k}: PPO", st.cfg.ppo.steps) as adv:
+        history, experience = st.workers.ppo(train, k, progress=adv)
+    d = st.iter_dir(k)
+    exp_path = schemas.write_table(schemas.from_rows(experience, schemas.EXPERIENCE), d / "experience.parquet",
+                                   schemas.EXPERIENCE)
+    adapter = st.workers.save_policy(str(d / "policy_adapter"))
+    st.record(k, "policy", {"adapter": adapter, "experience": str(exp_path), "ppo": history})
+    return adapter
+
+
+@flow(name="rlhf_pipeline", log_prints=True)
+def rlhf_pipeline(cfg: AlignflowConfig, run_id: str | None = None, show_progress: bool | None = None) -> dict:
+    """Iterated RLHF: generate → feedback → reward model → policy update → evaluate, K times."""
+    from flows.progress import ProgressUI
+    st = prepare_run(cfg, run_id)
+    st.progress = ProgressUI(show_progress)
+    try:
+        with st.progress:
+            start_workers(st.run_id)
+            results = {0: evaluate(st.run_id, 0)}
+            for k in range(1, cfg.run.iterations + 1):
+                samples = generate_samples(st.run_id, k)
+                preferences = collect_feedback(st.run_id, k, samples)
+                if k == 1 and cfg.warmup.enabled:
+                    warm_up_policy(st.run_id, k)
+                train_reward_model(st.run_id, k, preferences)
+                update_policy(st.run_id, k)
+                results[k] = evaluate(st.run_id, k)
+                _artifact(_artifact_key(st.run_id, f"iter-{k}"), report.iteration_markdown(st, k),
+                          f"alignflow iteration {k}")
+        md = report.final_markdown(st, results)
+        (st.run_dir / "report.md").write_text(md, encoding="utf-8")
+        _artifact(_artifact_key(st.run_id, "report"), md, "alignflow run report")
+        st.manifest["final"] = {"metrics": results[cfg.run.iterations], "base": results[0],
+                                "adapter": st.manifest["iterations"][str(cfg.run.iterations)]["policy"]["adapter"]}
+        st.manifest["status"] = "completed"
+        st.save_manifest()
+        return {"run_id": st.run_id, "run_dir": str(st.run_dir), "results": results}
+    except BaseException:
+        st.manifest["status"] = "failed"
+        st.save_manifest()
+        raise
+    finally:
+        if st.workers is not None:
+            st.workers.shutdown()
+        RUNS.pop(st.run_id, None)
+
+
+@flow(name="alignflow_eval", log_prints=True)
+def eval_flow(cfg: AlignflowConfig, adapter: str | None = None, show_progress: bool | None = None) -> dict:
+    """Evaluate `policy.model` (optionally with a saved LoRA adapter) on the held-out sets."""
+    from flows.progress import ProgressUI
+    st = prepare_run(cfg)
+    st.progress = ProgressUI(show_progress)
+    try:
+        with st.progress:
+            start_workers(st.run_id)
+            if adapter:
+                st.workers.load_policy(adapter)
+            metrics = evaluate(st.run_id, 0, use_adapter=bool(adapter), with_reward_model=False)
+        st.manifest.update(status="completed", evaluated={"model": cfg.policy.model, "adapter": adapter})
+        st.save_manifest()
+        return {"run_id": st.run_id, "run_dir": str(st.run_dir), "metrics": metrics}
+    finally:
+        if st.workers is not None:
+            st.workers.shutdown()
+        RUNS.pop(st.run_id, None)

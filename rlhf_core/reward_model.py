@@ -1,0 +1,239 @@
+"""Reward models: any Hugging Face model with a 1-output sequence-classification head.
+
+`AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)` works both for encoders
+(BERT / MiniLM: the head reads the [CLS] token) and for causal LMs (Llama: the head reads the last
+non-pad token, which is why `config.pad_token_id` must be set). The model is trained with the
+Bradley–Terry pairwise loss from `rlhf_core.algorithms` (Ouyang et al. 2022, eq. 1; Llama 2 margin).
+
+Shapes: N pairs in total, batches of B.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from rlhf_core.algorithms import bradley_terry_loss
+
+__all__ = [
+    "load_reward_model",
+    "encode_pairs",
+    "score",
+    "train_reward_model",
+    "pair_accuracy",
+    "save_reward_model",
+]
+
+# separator when a tokenizer has no notion of a text pair (decoder-only LMs)
+JOIN = "\n\n"
+
+
+def _prepare(model, tokenizer):
+    """Give decoder tokenizers a pad token and tell the model which id it is.
+
+    Causal-LM classification heads pool the last non-pad token, found via config.pad_token_id;
+    without it they refuse batches larger than one.
+    """
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
+    tokenizer.padding_side = "right"
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def load_reward_model(path: str | os.PathLike):
+    """Load (model, tokenizer) from a folder: AutoModelForSequenceClassification with num_labels=1."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
+    return _prepare(model, tokenizer)
+
+
+def _has_pairs(tokenizer) -> bool:
+    """Encoders (BERT, RoBERTa, MiniLM) have a [SEP] token and a text-pair template; decoder-only
+    tokenizers (Llama, GPT-2, SmolLM) do not, and would glue a pair together with no separator."""
+    return getattr(tokenizer, "sep_token", None) is not None
+
+
+def encode_pairs(tokenizer, prompts: Sequence[str], responses: Sequence[str], max_length: int):
+    """Tokenize N (prompt, response) pairs into right-padded tensors (input_ids (N, L), attention_mask, ...).
+
+    The response is what is being judged, so truncation eats the prompt first:
+      * pair tokenizers: text pair with truncation="only_first"; when the response alone does not
+        fit, that pair falls back to "longest_first";
+      * other tokenizers: prompt + "\\n\\n" + response as one text, truncated from the left.
+    """
+    prompts, responses = list(prompts), list(responses)
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    if _has_pairs(tokenizer):
+        try:
+            enc = tokenizer(prompts, responses, truncation="only_first", max_length=max_length)
+            features = [dict(zip(enc.keys(), values)) for values in zip(*enc.values())]
+        except Exception:  # fast tokenizers raise when the response alone is too long: go pair by pair
+            features = []
+            for p, r in zip(prompts, responses):
+                try:
+                    features.append(dict(tokenizer(p, r, truncation="only_first", max_length=max_length)))
+                except Exception:
+                    features.append(dict(tokenizer(p, r, truncation="longest_first", max_length=max_length)))
+        # slow tokenizers only log an error and return an over-long sequence: redo those
+        for i, f in enumerate(features):
+            if len(f["input_ids"]) > max_length:
+                features[i] = dict(
+                    tokenizer(prompts[i], responses[i], truncation="longest_first", max_length=max_length)
+                )
+        return tokenizer.pad(features, padding=True, return_tensors="pt")
+    texts = [p + JOIN + r for p, r in zip(prompts, responses)]
+    side = tokenizer.truncation_side
+    tokenizer.truncation_side = "left"  # keep the end of the text, where the response is
+    try:
+        return tokenizer(texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+    finally:
+        tokenizer.truncation_side = side
+
+
+def _forward(model, enc) -> torch.Tensor:
+    """(B,) rewards: the single classification logit of each sequence."""
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) for k, v in enc.items()}
+    return model(**inputs).logits[:, 0].float()
+
+
+def score(
+    model, tokenizer, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 32, max_length: int = 256
+) -> np.ndarray:
+    """Reward of each (prompt, response) pair -> np.ndarray (N,) float32, in eval mode, no grad."""
+    prompts, responses = list(prompts), list(responses)
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        with torch.no_grad():
+            for i in range(0, len(prompts), batch_size):
+                enc = encode_pairs(tokenizer, prompts[i : i + batch_size], responses[i : i + batch_size], max_length)
+                out.append(_forward(model, enc).cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.float32)
+
+
+def train_reward_model(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    chosen: Sequence[str],
+    rejected: Sequence[str],
+    *,
+    weights: Sequence[float] | None = None,
+    margins: Sequence[float] | None = None,
+    epochs: int = 1,
+    lr: float = 5e-5,
+    batch_size: int = 16,
+    max_length: int = 256,
+    seed: int = 0,
+    on_step: Callable[[int, int, float], None] | None = None,
+) -> dict:
+    """Fit the reward model on N preference pairs with the Bradley–Terry loss.
+
+    AdamW, gradient-norm clipping at 1.0, pairs reshuffled each epoch by a generator seeded with
+    `seed` (global RNG untouched). Chosen and rejected of a batch go through one forward pass of 2B
+    sequences. `on_step(step, total_steps, loss)` is called after every optimizer step.
+
+    Returns {"loss": mean loss of the last epoch, "train_accuracy": fraction of last-epoch pairs
+    with r_chosen > r_rejected (measured before each step), "steps": optimizer steps taken}.
+    """
+    prompts, chosen, rejected = list(prompts), list(chosen), list(rejected)
+    n = len(prompts)
+    if not (len(chosen) == len(rejected) == n):
+        raise ValueError(f"lengths differ: {n} prompts, {len(chosen)} chosen, {len(rejected)} rejected")
+    if n == 0:
+        raise ValueError("no preference pairs to train on")
+    w_all = None if weights is None else torch.as_tensor(list(weights), dtype=torch.float32)
+    m_all = None if margins is None else torch.as_tensor(list(margins), dtype=torch.float32)
+    device = next(model.parameters()).device
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    steps_per_epoch = (n + batch_size - 1) // batch_size
+    total = steps_per_epoch * epochs
+    step = 0
+    epoch_loss, epoch_correct = 0.0, 0
+    model.train()
+    for _ in range(epochs):
+        epoch_loss, epoch_correct = 0.0, 0
+        perm = torch.randperm(n, generator=generator).tolist()
+        for start in range(0, n, batch_size):
+            idx = perm[start : start + batch_size]
+            b = len(idx)
+            p = [prompts[i] for i in idx]
+            enc = encode_pairs(tokenizer, p + p, [chosen[i] for i in idx] + [rejected[i] for i in idx], max_length)
+            rewards = _forward(model, enc)
+            r_chosen, r_rejected = rewards[:b], rewards[b:]
+            margin = None if m_all is None else m_all[idx].to(device)
+            w = None if w_all is None else w_all[idx].to(device)
+            loss = bradley_terry_loss(r_chosen, r_rejected, margin=margin, weights=w)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            step += 1
+            epoch_loss += loss.item() * b
+            epoch_correct += int((r_chosen > r_rejected).sum())
+            if on_step is not None:
+                on_step(step, total, loss.item())
+    model.eval()
+    return {"loss": epoch_loss / n, "train_accuracy": epoch_correct / n, "steps": step}
+
+
+def pair_accuracy(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    chosen: Sequence[str],
+    rejected: Sequence[str],
+    batch_size: int = 32,
+    max_length: int = 256,
+) -> float:
+    """Fraction of pairs with score(prompt, chosen) > score(prompt, rejected) (ties count as wrong)."""
+    sc = score(model, tokenizer, prompts, chosen, batch_size=batch_size, max_length=max_length)
+    sr = score(model, tokenizer, prompts, rejected, batch_size=batch_size, max_length=max_length)
+    return float(np.mean(sc > sr)) if len(sc) else 0.0
+
+
+def save_reward_model(model, tokenizer, dest: str | os.PathLike) -> Path:
+    """Save model + tokenizer to `dest` atomically.
+
+    Written into a temp folder beside `dest` (same filesystem, so rename is atomic); only once it
+    is complete is an existing `dest` moved aside, the new folder renamed into place, and the old
+    one deleted. A crash mid-save leaves the previous model intact.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp", dir=dest.parent))
+    old = None
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if dest.exists():
+            # os.replace cannot overwrite a non-empty directory: move the old one aside first
+            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old", dir=dest.parent))
+            os.replace(dest, old / dest.name)
+        os.replace(tmp, dest)
+    except BaseException:
+        if old is not None and (old / dest.name).exists() and not dest.exists():
+            os.replace(old / dest.name, dest)  # put the previous model back
+        raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    return dest

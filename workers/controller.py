@@ -1,0 +1,264 @@
+"""The single controller that owns the long-lived Ray actors of a run (ARCHITECTURE.md).
+
+Prefect tasks call one `RLHFWorkers` object; it fans work out to the rollout and feedback pools,
+drives the PPO inner loop (generate → score → update → sync adapter), and applies a timeout to
+every remote call so that a hung actor fails loudly instead of stalling the run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Callable
+
+import numpy as np
+import ray
+import torch
+
+from workers.actors import FeedbackWorker, PolicyTrainerActor, RewardModelTrainer, RolloutWorker
+
+Progress = Callable[[int], None]   # advance(n): called as work items finish
+GEN_CHUNK = 16                      # prompts per generate call: big enough to batch, small for progress
+
+
+class ActorCallError(RuntimeError):
+    pass
+
+
+def _get(refs, timeout: float, what: str):
+    try:
+        return ray.get(refs, timeout=timeout)
+    except ray.exceptions.GetTimeoutError as e:
+        raise ActorCallError(f"{what}: no answer within {timeout:.0f}s (resources.actor_timeout_s)") from e
+
+
+def init_ray(address: str | None, num_cpus: int | None = None) -> dict:
+    """Connect to `address` / RAY_ADDRESS if given, else start a local Ray without the dashboard."""
+    if ray.is_initialized():
+        return ray.cluster_resources()
+    address = address or os.environ.get("RAY_ADDRESS")
+    env = {"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}}
+    if address:
+        ray.init(address=address, runtime_env=env, log_to_driver=True)
+    else:
+        # address="local": never join a stale cluster file left by a killed test (STACK.md).
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+                 runtime_env=env, log_to_driver=True)
+    return ray.cluster_resources()
+
+
+def _check_resources(cfg, n_trainers: int = 2) -> None:
+    """Actors asking for more than the cluster has wait forever, silently: fail clearly instead."""
+    r = cfg.resources
+    need_cpu = (r.rollout_workers * r.cpus_per_rollout + r.feedback_workers * r.cpus_per_feedback
+                + n_trainers * r.cpus_per_trainer)
+    need_gpu = r.rollout_workers * r.gpus_per_rollout + n_trainers * r.gpus_per_trainer
+    have = ray.cluster_resources()
+    if need_cpu > have.get("CPU", 0) + 1e-9 or need_gpu > have.get("GPU", 0) + 1e-9:
+        raise ActorCallError(
+            f"the actors need {need_cpu:g} CPU / {need_gpu:g} GPU but the Ray cluster has "
+            f"{have.get('CPU', 0):g} CPU / {have.get('GPU', 0):g} GPU: lower resources.* in the config")
+
+
+def merge_rollouts(parts: list[dict], pad_id: int) -> dict:
+    """Concatenate generate() outputs of several workers: queries re-left-padded, answers right-padded."""
+    Q = max(p["query_ids"].shape[1] for p in parts)
+    A = max(p["response_ids"].shape[1] for p in parts)
+
+    def pad(t, width, left, value):
+        extra = width - t.shape[1]
+        if extra == 0:
+            return t
+        fill = torch.full((t.shape[0], extra), value, dtype=t.dtype)
+        return torch.cat([fill, t] if left else [t, fill], dim=1)
+
+    return {
+        "query_ids": torch.cat([pad(p["query_ids"], Q, True, pad_id) for p in parts]),
+        "query_mask": torch.cat([pad(p["query_mask"], Q, True, 0) for p in parts]),
+        "response_ids": torch.cat([pad(p["response_ids"], A, False, pad_id) for p in parts]),
+        "response_mask": torch.cat([pad(p["response_mask"], A, False, 0) for p in parts]),
+        "texts": [t for p in parts for t in p["texts"]],
+        "num_tokens": [n for p in parts for n in p["num_tokens"]],
+        "policy_version": parts[0]["policy_version"],
+    }
+
+
+def merge_scores(parts: list):
+    """Concatenate JudgeScores dataclasses field by field (arrays, and dicts of arrays)."""
+    first = parts[0]
+    out = {}
+    for f in dataclasses.fields(first):
+        vals = [getattr(p, f.name) for p in parts]
+        if isinstance(vals[0], dict):
+            out[f.name] = {k: np.concatenate([v[k] for v in vals]) for k in vals[0]}
+        else:
+            out[f.name] = np.concatenate([np.asarray(v) for v in vals])
+    return type(first)(**out)
+
+
+class RLHFWorkers:
+    """Creates every actor once per flow run and reuses them across iterations."""
+
+    def __init__(self, cfg, policy_path: str, encoder_path: str, rm_backbone_path: str):
+        self.cfg = cfg
+        r, seed, dev = cfg.resources, cfg.run.seed, cfg.run.device
+        self.timeout = r.actor_timeout_s
+        _check_resources(cfg)
+        roll = ray.remote(num_cpus=r.cpus_per_rollout, num_gpus=r.gpus_per_rollout)(RolloutWorker)
+        feed = ray.remote(num_cpus=r.cpus_per_feedback)(FeedbackWorker)
+        rm = ray.remote(num_cpus=r.cpus_per_trainer, num_gpus=r.gpus_per_trainer)(RewardModelTrainer)
+        pol = ray.remote(num_cpus=r.cpus_per_trainer, num_gpus=r.gpus_per_trainer)(PolicyTrainerActor)
+        self.rollout = [roll.remote(policy_path, cfg.policy, dev, r.torch_threads, seed + i)
+                        for i in range(r.rollout_workers)]
+        self.feedback = [feed.remote(cfg.feedback.constitution, encoder_path, None, r.torch_threads)
+                         for _ in range(r.feedback_workers)]
+        self.reward_model = rm.remote(rm_backbone_path, cfg.reward_model, dev, r.torch_threads, seed)
+        self.policy_trainer = pol.remote(policy_path, cfg.policy, cfg.ppo, dev, r.torch_threads, seed)
+        # Block until every actor has loaded its model, so a bad path fails here, not mid-stage.
+        _get([a.__ray_ready__.remote() for a in self.rollout + self.feedback + [self.reward_model,
+              self.policy_trainer]], self.timeout, "starting actors")
+        from transformers import AutoTokenizer
+        self.pad_id = AutoTokenizer.from_pretrained(policy_path).pad_token_id or 0
+        self.adapter_version = "base"
+
+    # ----- rollout pool ----------------------------------------------------------------------
+    def generate(self, prompts: list[str], *, greedy: bool, seed: int | None = None,
+                 use_adapter: bool = True, progress: Progress | None = None) -> dict:
+        """Answers for `prompts` (in order), spread over the rollout workers in length-sorted chunks."""
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # less padding per batch
+        chunks = [order[i: i + GEN_CHUNK] for i in range(0, len(order), GEN_CHUNK)]
+        pending = {}
+        for k, idx in enumerate(chunks):
+            w = self.rollout[k % len(self.rollout)]
+            ref = w.generate.remote([prompts[i] for i in idx], greedy,
+                                    None if seed is None else seed + k, use_adapter)
+            pending[ref] = k
+        results: dict[int, dict] = {}
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=self.timeout)
+            if not done:
+                raise ActorCallError(f"rollout: no chunk finished within {self.timeout:.0f}s")
+            k = pending.pop(done[0])
+            results[k] = ray.get(done[0])
+            if progress:
+                progress(len(chunks[k]))
+        merged = merge_rollouts([results[k] for k in range(len(chunks))], self.pad_id)
+        inverse = np.argsort([i for idx in chunks for i in idx])  # position of prompt i in merged
+        return _select(merged, inverse.tolist())
+
+    def sync_adapter(self, version: str) -> None:
+        """Trainer → rollout weight sync: the LoRA adapter only, put in the object store once."""
+        state_ref = self.policy_trainer.adapter_state.remote()
+        _get([w.load_adapter.remote(state_ref, version) for w in self.rollout], self.timeout,
+             "weight sync to rollout workers")
+        self.adapter_version = version
+
+    # ----- feedback pool ---------------------------------------------------------------------
+    def fit_harm_classifier(self, texts: list[str], labels: list[int], dest: str) -> dict:
+        metrics = _get(self.feedback[0].fit_harm_classifier.remote(texts, labels, self.cfg.run.seed, dest),
+                       self.timeout, "harm classifier training")
+        _get([w.load_harm_classifier.remote(dest) for w in self.feedback], self.timeout, "loading harm classifier")
+        return metrics
+
+    def constitution_info(self) -> dict:
+        return _get(self.feedback[0].constitution_info.remote(), self.timeout, "constitution")
+
+    def judge(self, prompts: list[str], responses: list[str], progress: Progress | None = None):
+        n = len(self.feedback)
+        shard = max(1, -(-len(prompts) // n))
+        refs = [self.feedback[k].score.remote(prompts[s: s + shard], responses[s: s + shard])
+                for k, s in enumerate(range(0, len(prompts), shard))]
+        parts = _get(refs, self.timeout, "feedback (judge) scoring")
+        if progress:
+            progress(len(prompts))
+        return merge_scores(parts)
+
+    # ----- reward model ----------------------------------------------------------------------
+    def train_reward_model(self, pairs: list[dict], dest: str, init_from: str | None = None) -> dict:
+        return _get(self.reward_model.train.remote(pairs, dest, init_from), self.timeout, "reward model training")
+
+    def reward(self, prompts: list[str], responses: list[str]) -> dict:
+        return _get(self.reward_model.score.remote(prompts, responses), self.timeout, "reward model scoring")
+
+    # ----- policy ----------------------------------------------------------------------------
+    def warmup(self, prompts: list[str], responses: list[str], progress: Progress | None = None) -> dict:
+        """Supervised warm-up on judge-picked targets; then sync the adapter to the rollout pool."""
+        w = self.cfg.warmup
+        rng = np.random.default_rng(self.cfg.run.seed)
+        _get(self.policy_trainer.begin_sft.remote(w.lr), self.timeout, "warm-up setup")
+        losses = []
+        for _ in range(w.epochs):
+            order = rng.permutation(len(prompts))
+            for s in range(0, len(order), w.batch_size):
+                idx = order[s: s + w.batch_size]
+                losses.append(_get(self.policy_trainer.sft_step.remote([prompts[i] for i in idx],
+                                                                       [responses[i] for i in idx]),
+                                   self.timeout, "warm-up step"))
+                if progress:
+                    progress(1)
+        self.sync_adapter("warmup")
+        per_epoch = max(1, len(losses) // w.epochs)
+        return {"warmup_loss_first_epoch": float(np.mean(losses[:per_epoch])),
+                "warmup_loss_last_epoch": float(np.mean(losses[-per_epoch:])), "warmup_steps": len(losses)}
+
+    def ppo(self, prompt_rows: list[dict], iteration: int, progress: Progress | None = None) -> tuple[list, list]:
+        """The RL inner loop: per step generate → reward → PPO update → adapter sync.
+
+        Returns (per-step metrics, experience rows for schemas.EXPERIENCE).
+        """
+        p = self.cfg.ppo
+        rng = np.random.default_rng(self.cfg.run.seed * 1000 + iteration)
+        harmful = [r for r in prompt_rows if r["kind"] == "harmful"]
+        other = [r for r in prompt_rows if r["kind"] != "harmful"]
+        history, experience = [], []
+        for step in range(p.steps):
+            # Balanced batches: equal harmful and benign/borderline prompts, so that refusing
+            # everything cannot raise the mean reward (ARCHITECTURE.md, the sparse-reward trap).
+            half = p.rollout_batch_size // 2
+            batch_rows = [harmful[i] for i in rng.choice(len(harmful), half, replace=len(harmful) < half)]
+            rest = p.rollout_batch_size - half
+            batch_rows += [other[i] for i in rng.choice(len(other), rest, replace=len(other) < rest)]
+            prompts = [r["prompt"] for r in batch_rows]
+            roll = self.generate(prompts, greedy=False, seed=int(rng.integers(1 << 30)))
+            rewards = self.reward(prompts, roll["texts"])
+            scores = [float(np.clip(x, -p.reward_clip, p.reward_clip)) for x in rewards["normalized"]]
+            batch = {k: roll[k] for k in ("query_ids", "query_mask", "response_ids", "response_mask", "texts")}
+            m = _get(self.policy_trainer.ppo_step.remote(batch, scores), self.timeout, f"PPO step {step}")
+            self.sync_adapter(f"iter{iteration}-step{step + 1}")
+            seq_kl = m.pop("seq_kl")
+            m["reward_model_score"] = float(np.mean(rewards["raw"]))
+            m["reward_std"] = float(np.std(scores))
+            history.append(m)
+            for r, text, raw, sc, kl, n in zip(batch_rows, roll["texts"], rewards["raw"], scores, seq_kl,
+                                               roll["num_tokens"]):
+                experience.append({"step": step, "prompt_id": r["prompt_id"], "kind": r["kind"], "response": text,
+                                   "reward_model_score": raw, "reward": sc, "kl": kl, "num_tokens": n})
+            if progress:
+                progress(1)
+        return history, experience
+
+    def sequence_kl(self, rollout: dict) -> list[float]:
+        return _get(self.policy_trainer.sequence_kl.remote(rollout), self.timeout, "KL to reference")
+
+    def save_policy(self, dest: str) -> str:
+        return _get(self.policy_trainer.save.remote(dest), self.timeout, "saving the policy adapter")
+
+    def load_policy(self, adapter_dir: str) -> None:
+        """Load a saved adapter (+ value head) into the trainer and sync it to the rollout pool."""
+        _get(self.policy_trainer.load.remote(adapter_dir), self.timeout, f"loading adapter {adapter_dir}")
+        self.sync_adapter(adapter_dir)
+
+    def shutdown(self) -> None:
+        for a in self.rollout + self.feedback + [self.reward_model, self.policy_trainer]:
+            ray.kill(a)
+
+
+def _select(d: dict, idx: list[int]) -> dict:
+    out = {}
+    for k, v in d.items():
+        if torch.is_tensor(v):
+            out[k] = v[idx]
+        elif isinstance(v, list):
+            out[k] = [v[i] for i in idx]
+        else:
+            out[k] = v
+    return out
