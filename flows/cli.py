@@ -102,21 +102,33 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
     torch.set_num_threads(1)  # the driver only coordinates; actors own the cores (STACK.md)
-    from flows.pipeline import eval_flow, rlhf_pipeline
+    from flows.pipeline import eval_flow, prepare_run, rlhf_pipeline
     show = False if args.no_progress else None
+    if args.command == "eval":
+        if args.model:
+            cfg.policy.model = args.model
+        if args.adapter and not os.path.isfile(os.path.join(args.adapter, "adapter_model.safetensors")):
+            console.print(f"[red]error:[/] --adapter {args.adapter}: no adapter_model.safetensors in that folder")
+            return 2
+        cfg.run.name = "eval"
     try:
-        if args.command == "run":
-            out = rlhf_pipeline(cfg, show_progress=show)
-            _print_result(console, f"alignflow run {out['run_id']}: base vs final policy", out["results"],
-                          out["run_dir"])
-        else:
-            if args.model:
-                cfg.policy.model = args.model
-            out = eval_flow(cfg, adapter=args.adapter, show_progress=show)
-            _print_result(console, f"alignflow eval: {cfg.policy.model}", {0: out["metrics"]}, out["run_dir"])
+        # Every prompt file is read and validated here, before Prefect, Ray or any model starts;
+        # a bad file leaves nothing behind (the run folder is created only after validation).
+        state = prepare_run(cfg)
     except PromptFileError as e:
         console.print(f"[red]error:[/] {e}")
         return 2
+    try:
+        if args.command == "run":
+            out = rlhf_pipeline(cfg, run_id=state.run_id, show_progress=show)
+            _print_result(console, f"alignflow run {out['run_id']}: base vs final policy", out["results"],
+                          out["run_dir"])
+        else:
+            out = eval_flow(cfg, adapter=args.adapter, run_id=state.run_id, show_progress=show)
+            _print_result(console, f"alignflow eval: {cfg.policy.model}", {0: out["metrics"]}, out["run_dir"])
+    except Exception:
+        console.print(f"[red]run failed[/]; partial outputs and manifest.json (status: failed) are in {state.run_dir}")
+        raise
     return 0
 
 

@@ -178,12 +178,13 @@ def collect_feedback(run_id: str, k: int, samples_path: str) -> str:
     cfg = st.cfg.feedback
     samples = schemas.read_table(samples_path, schemas.SAMPLES).to_pylist()
     if cfg.include_demonstration:
-        rng = np.random.default_rng(st.cfg.run.seed * 31 + k)
-        seen = {}
+        # One more candidate per prompt: the constitution's refusal that best fits the prompt. The
+        # judge decides whether it beats the policy's answers (it should only for harmful prompts).
+        first = {}
         for s in samples:
-            seen.setdefault(s["prompt_id"], s)
-        for pid, s in seen.items():
-            demo = st.demonstrations[int(rng.integers(len(st.demonstrations)))]
+            first.setdefault(s["prompt_id"], s)
+        demos = st.workers.match_demonstrations([s["prompt"] for s in first.values()])
+        for (pid, s), demo in zip(first.items(), demos):
             samples.append(dict(s, sample_id=f"{pid}-{k}-demo", response=demo, origin="demonstration",
                                 policy_version="constitution", num_tokens=0))
     prompts, responses = [s["prompt"] for s in samples], [s["response"] for s in samples]
@@ -252,7 +253,8 @@ def update_policy(run_id: str, k: int) -> str:
 def rlhf_pipeline(cfg: AlignflowConfig, run_id: str | None = None, show_progress: bool | None = None) -> dict:
     """Iterated RLHF: generate → feedback → reward model → policy update → evaluate, K times."""
     from flows.progress import ProgressUI
-    st = prepare_run(cfg, run_id)
+    # The CLI prepares (validates) the run before Prefect starts; a direct call prepares it here.
+    st = RUNS[run_id] if run_id in RUNS else prepare_run(cfg, run_id)
     st.progress = ProgressUI(show_progress)
     try:
         with st.progress:
@@ -287,10 +289,11 @@ def rlhf_pipeline(cfg: AlignflowConfig, run_id: str | None = None, show_progress
 
 
 @flow(name="alignflow_eval", log_prints=True)
-def eval_flow(cfg: AlignflowConfig, adapter: str | None = None, show_progress: bool | None = None) -> dict:
+def eval_flow(cfg: AlignflowConfig, adapter: str | None = None, run_id: str | None = None,
+              show_progress: bool | None = None) -> dict:
     """Evaluate `policy.model` (optionally with a saved LoRA adapter) on the held-out sets."""
     from flows.progress import ProgressUI
-    st = prepare_run(cfg)
+    st = RUNS[run_id] if run_id in RUNS else prepare_run(cfg, run_id)
     st.progress = ProgressUI(show_progress)
     try:
         with st.progress:

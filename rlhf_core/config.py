@@ -75,7 +75,7 @@ class WarmupConfig(_Section):
     enabled: bool = Field(True, description=(
         "Supervised warm-up before RL (InstructGPT/Safe-RLHF): judge-picked best-of-n answers for "
         "benign prompts, constitution demonstrations for harmful ones."))
-    prompts: int = Field(320, ge=2, description="Training prompts used for the warm-up (half harmful).")
+    prompts: int = Field(256, ge=2, description="Training prompts used for the warm-up (half harmful).")
     epochs: int = Field(2, ge=1)
     lr: float = Field(2e-4, gt=0)
     batch_size: int = Field(8, ge=1)

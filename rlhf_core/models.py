@@ -77,7 +77,14 @@ def tiny_folder(seed: int = 0) -> Path:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     def build(tmp: Path) -> None:
-        tok = AutoTokenizer.from_pretrained(smollm2_folder())
+        # Reuse the converted folder's tokenizer when present; else read only the tokenizer from
+        # the GGUF (no 540 MB conversion just to build a test model).
+        converted = cache_dir() / "SmolLM2-135M-Instruct"
+        if converted.exists():
+            tok = AutoTokenizer.from_pretrained(converted)
+        else:
+            gguf = _gguf_path()
+            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         cfg = LlamaConfig(
             vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,

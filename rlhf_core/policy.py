@@ -67,7 +67,12 @@ class Policy(nn.Module):
         base.config.use_cache = True
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                           target_modules=_present_modules(base, cfg.lora_target_modules), task_type="CAUSAL_LM")
+        self.lora_config = lora
         self.model = get_peft_model(base, lora)
+        # Adapters already folded into the base weights (the warm-up), oldest first. With them
+        # merged, "adapter disabled" is the warm-up policy: PPO's reference is the policy RL
+        # starts from, as in InstructGPT, not the raw pretrained model.
+        self.merged: list[dict[str, torch.Tensor]] = []
         hidden = base.config.hidden_size
         self.value_head = nn.Linear(hidden, 1)
         nn.init.zeros_(self.value_head.weight)
@@ -155,6 +160,25 @@ class Policy(nn.Module):
         unexpected = getattr(result, "unexpected_keys", [])
         if unexpected:
             raise RuntimeError(f"adapter state has unexpected keys, e.g. {unexpected[:3]}")
+
+    def merge_adapter(self) -> None:
+        """Fold the current LoRA adapter into the base weights and start a fresh (zero) adapter."""
+        from peft import get_peft_model
+        self.merged.append(self.adapter_state())
+        base = self.model.merge_and_unload()
+        self.model = get_peft_model(base, self.lora_config).to(self.device)
+
+    def apply_stack(self, merged: list[dict], current: dict) -> None:
+        """Reach the state (merged adapters…, current adapter) from this policy's own state.
+
+        `self.merged` must be a prefix of `merged`: adapters are only ever merged, never un-merged.
+        """
+        if len(merged) < len(self.merged):
+            raise RuntimeError(f"policy already merged {len(self.merged)} adapters, asked for {len(merged)}")
+        for state in merged[len(self.merged):]:
+            self.load_adapter_state(state)
+            self.merge_adapter()
+        self.load_adapter_state(current)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad] + list(self.value_head.parameters())

@@ -54,6 +54,13 @@ class PolicyTrainer:
         params = [q for q in self.policy.model.parameters() if q.requires_grad]
         self.sft_optimizer = torch.optim.AdamW(params, lr=lr)
 
+    def end_sft(self) -> None:
+        """Merge the warm-up adapter into the base: the warm-up policy becomes PPO's reference."""
+        self.sft_optimizer = None
+        self.policy.merge_adapter()
+        # the LoRA parameters are new objects: the PPO optimizer must track them
+        self.optimizer = torch.optim.AdamW(self.policy.trainable_parameters(), lr=self.cfg.lr)
+
     def sft_step(self, prompts: list[str], responses: list[str], max_tokens: int) -> float:
         """One step of cross-entropy on answer tokens only (the prompt is context). Returns the loss."""
         p = self.policy
@@ -161,6 +168,9 @@ class PolicyTrainer:
         tmp = Path(tempfile.mkdtemp(prefix=dest_p.name + ".tmp", dir=dest_p.parent))
         try:
             self.policy.model.save_pretrained(tmp)
+            # adapters merged into the base (the warm-up) are needed to rebuild this policy
+            for i, state in enumerate(self.policy.merged):
+                save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / f"merged_{i:02d}.safetensors"))
             save_file({k: v.detach().cpu().contiguous() for k, v in self.policy.value_head.state_dict().items()},
                       str(tmp / "value_head.safetensors"))
             if dest_p.exists():
@@ -174,8 +184,10 @@ class PolicyTrainer:
     def load(self, src: str) -> None:
         from safetensors.torch import load_file
         state = load_file(str(Path(src) / "adapter_model.safetensors"))
+        merged = [load_file(str(f)) for f in sorted(Path(src).glob("merged_*.safetensors"))]
         # peft saves keys without the adapter name; set_peft_model_state_dict adds it back.
-        self.policy.load_adapter_state(state)
+        self.policy.apply_stack(merged, state)
+        self.optimizer = torch.optim.AdamW(self.policy.trainable_parameters(), lr=self.cfg.lr)
         vh = Path(src) / "value_head.safetensors"
         if vh.exists():
             self.policy.value_head.load_state_dict(load_file(str(vh)))

@@ -50,8 +50,9 @@ class RolloutWorker:
         out["policy_version"] = self.version if use_adapter else "base"
         return out
 
-    def load_adapter(self, state: dict, version: str) -> str:
-        self.policy.load_adapter_state(state)
+    def load_adapter(self, stack: dict, version: str) -> str:
+        """stack = {"merged": [adapter states folded into the base], "current": adapter state}."""
+        self.policy.apply_stack(stack["merged"], stack["current"])
         self.version = version
         return version
 
@@ -88,6 +89,17 @@ class FeedbackWorker:
     def constitution_info(self) -> dict:
         return {"version": self.constitution.version,
                 "refusal_demonstrations": list(self.constitution.refusal_demonstrations)}
+
+    def match_demonstrations(self, prompts: list[str]) -> list[str]:
+        """The constitution's refusal demonstration closest in meaning to each prompt.
+
+        A refusal that names the right reason ("malware damages computers" for a malware request)
+        is a better warm-up target than a random one.
+        """
+        import numpy as np
+        demos = list(self.constitution.refusal_demonstrations)
+        sims = self.encoder.encode(prompts) @ self.encoder.encode(demos).T   # (N, D) cosine
+        return [demos[i] for i in np.argmax(sims, axis=1)]
 
     def score(self, prompts: list[str], responses: list[str]):
         if self.judge is None:
@@ -169,6 +181,9 @@ class PolicyTrainerActor:
     def begin_sft(self, lr: float) -> None:
         self.trainer.begin_sft(lr)
 
+    def end_sft(self) -> None:
+        self.trainer.end_sft()
+
     def sft_step(self, prompts: list[str], responses: list[str]) -> float:
         if len(prompts) != len(responses) or not prompts:
             raise ValueError("sft_step: prompts and responses must be equal-length, non-empty lists")
@@ -187,8 +202,8 @@ class PolicyTrainerActor:
                                                                          "response_mask", "texts")})
         return self.trainer.sequence_kl(b)
 
-    def adapter_state(self) -> dict:
-        return self.policy.adapter_state()
+    def adapter_stack(self) -> dict:
+        return {"merged": self.policy.merged, "current": self.policy.adapter_state()}
 
     def save(self, dest: str) -> str:
         return self.trainer.save(dest)

@@ -17,7 +17,7 @@ import torch
 from workers.actors import FeedbackWorker, PolicyTrainerActor, RewardModelTrainer, RolloutWorker
 
 Progress = Callable[[int], None]   # advance(n): called as work items finish
-GEN_CHUNK = 16                      # prompts per generate call: big enough to batch, small for progress
+GEN_CHUNK = 32                      # prompts per generate call: batches well on CPU, small for progress
 
 
 class ActorCallError(RuntimeError):
@@ -147,7 +147,7 @@ class RLHFWorkers:
 
     def sync_adapter(self, version: str) -> None:
         """Trainer → rollout weight sync: the LoRA adapter only, put in the object store once."""
-        state_ref = self.policy_trainer.adapter_state.remote()
+        state_ref = self.policy_trainer.adapter_stack.remote()
         _get([w.load_adapter.remote(state_ref, version) for w in self.rollout], self.timeout,
              "weight sync to rollout workers")
         self.adapter_version = version
@@ -161,6 +161,9 @@ class RLHFWorkers:
 
     def constitution_info(self) -> dict:
         return _get(self.feedback[0].constitution_info.remote(), self.timeout, "constitution")
+
+    def match_demonstrations(self, prompts: list[str]) -> list[str]:
+        return _get(self.feedback[0].match_demonstrations.remote(prompts), self.timeout, "matching demonstrations")
 
     def judge(self, prompts: list[str], responses: list[str], progress: Progress | None = None):
         n = len(self.feedback)
@@ -195,6 +198,7 @@ class RLHFWorkers:
                                    self.timeout, "warm-up step"))
                 if progress:
                     progress(1)
+        _get(self.policy_trainer.end_sft.remote(), self.timeout, "merging the warm-up adapter")
         self.sync_adapter("warmup")
         per_epoch = max(1, len(losses) // w.epochs)
         return {"warmup_loss_first_epoch": float(np.mean(losses[:per_epoch])),

@@ -1,0 +1,24 @@
+"""rlhf_core is pure: importing every module of it loads neither Ray nor Prefect (STYLE.md, rule 1)."""
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _loaded_after(imports: str) -> set[str]:
+    code = f"import sys; {imports}; print(' '.join(sorted(m.split('.')[0] for m in sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    return set(out.stdout.split())
+
+
+def test_rlhf_core_loads_neither_ray_nor_prefect():
+    modules = sorted(p.stem for p in (ROOT / "rlhf_core").glob("*.py") if p.stem != "__init__")
+    loaded = _loaded_after("; ".join(f"import rlhf_core.{m}" for m in modules))
+    assert "rlhf_core" in loaded
+    assert "ray" not in loaded and "prefect" not in loaded
+
+
+def test_workers_do_not_import_prefect():
+    loaded = _loaded_after("import workers.controller, workers.actors")
+    assert "ray" in loaded and "prefect" not in loaded

@@ -1,0 +1,98 @@
+"""The policy (LoRA + value head) and PPO/SFT updates on the tiny model, without Ray."""
+import pytest
+import torch
+
+from rlhf_core.config import PolicyConfig, PPOConfig
+from rlhf_core.policy import Policy, response_mask_from_ids
+from rlhf_core.policy_trainer import PolicyTrainer
+
+PROMPTS = ["How do I bake bread?", "Write a tutorial on how to make a bomb", "What is 2+2?"]
+
+
+@pytest.fixture(scope="module")
+def policy(tiny_model_path):
+    torch.set_num_threads(1)
+    return Policy(tiny_model_path, PolicyConfig(max_new_tokens=8, lora_r=4, lora_alpha=8), seed=0)
+
+
+def test_response_mask_stops_after_first_eos():
+    ids = torch.tensor([[5, 6, 2, 2, 2], [5, 2, 7, 2, 2], [5, 6, 7, 8, 9]])
+    mask = response_mask_from_ids(ids, eos_id=2)
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
+
+
+def test_generate_shapes_and_left_padding(policy):
+    b = policy.generate(PROMPTS, greedy=True)
+    assert b.query_ids.shape[0] == 3 and b.response_ids.shape == b.response_mask.shape
+    assert (b.query_mask[:, -1] == 1).all(), "queries are left-padded"
+    assert len(b.texts) == 3
+
+
+def test_logprobs_match_generation_scores(policy):
+    """Training-time log-probs equal the ones generate() used (position ids survive left padding)."""
+    p = policy
+    q_ids, q_mask = p.encode_queries(PROMPTS)
+    with torch.no_grad():
+        out = p.model.generate(input_ids=q_ids, attention_mask=q_mask, do_sample=False, max_new_tokens=6,
+                               pad_token_id=p.eos_id, eos_token_id=p.eos_id, output_scores=True,
+                               return_dict_in_generate=True)
+    r_ids = out.sequences[:, q_ids.shape[1]:]
+    r_mask = response_mask_from_ids(r_ids, p.eos_id)
+    gen_logp = torch.stack([torch.log_softmax(s, -1) for s in out.scores], 1).gather(-1, r_ids[..., None])[..., 0]
+    from rlhf_core.policy import RolloutBatch
+    with torch.no_grad():
+        logp = p.forward(RolloutBatch(q_ids, q_mask, r_ids, r_mask, []))["logp"]
+    m = r_mask.bool()
+    assert torch.allclose(logp[m], gen_logp[m], atol=1e-4)
+
+
+def test_reference_is_base_with_adapter_disabled(policy):
+    b = policy.generate(PROMPTS[:2], greedy=True)
+    with torch.no_grad():
+        ref = policy.forward(b, use_adapter=False)["logp"]
+        pol = policy.forward(b)["logp"]
+    # LoRA B is zero-initialised: before training policy == reference exactly.
+    assert torch.allclose(ref, pol)
+
+
+def test_sft_and_ppo_change_only_the_adapter(tiny_model_path):
+    torch.manual_seed(0)
+    p = Policy(tiny_model_path, PolicyConfig(max_new_tokens=6, lora_r=4, lora_alpha=8), seed=0)
+    base_before = {k: v.clone() for k, v in p.model.named_parameters() if "lora" not in k}
+    t = PolicyTrainer(p, PPOConfig(rollout_batch_size=4, minibatch_size=2, ppo_epochs=2, lr=1e-3), seed=0)
+    t.begin_sft(lr=1e-2)
+    losses = [t.sft_step(PROMPTS[:2], ["I can't help with that.", "Sure."], max_tokens=8) for _ in range(8)]
+    assert losses[-1] < losses[0]
+    before = {k: v.clone() for k, v in p.adapter_state().items()}
+    batch = p.generate(PROMPTS + PROMPTS[:1], greedy=False, seed=1)
+    m = t.ppo_step(batch, torch.tensor([1.0, -1.0, 0.5, -0.5]))
+    for key in ("pg_loss", "vf_loss", "entropy", "clipfrac", "approx_kl", "kl_to_reference", "kl_coef"):
+        assert key in m and m[key] == m[key], key
+    after = p.adapter_state()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    for k, v in p.model.named_parameters():
+        if "lora" not in k:
+            assert torch.equal(v, base_before[k]), f"base weight {k} changed"
+
+
+def test_checkpoint_round_trip(tmp_path, tiny_model_path):
+    p = Policy(tiny_model_path, PolicyConfig(max_new_tokens=4, lora_r=4, lora_alpha=8), seed=0)
+    t = PolicyTrainer(p, PPOConfig(rollout_batch_size=3, minibatch_size=2), seed=0)
+    t.begin_sft(lr=1e-2)
+    t.sft_step(PROMPTS[:2], ["No.", "Yes."], max_tokens=4)
+    t.end_sft()  # warm-up merged into the base: the reference is now the warm-up policy
+    assert len(p.merged) == 1
+    batch = p.generate(PROMPTS, greedy=False, seed=3)
+    with torch.no_grad():
+        assert torch.allclose(p.forward(batch)["logp"], p.forward(batch, use_adapter=False)["logp"])
+    t.ppo_step(batch, torch.tensor([1.0, -1.0, 0.5]))
+    dest = t.save(str(tmp_path / "adapter"))
+    q = Policy(tiny_model_path, PolicyConfig(max_new_tokens=4, lora_r=4, lora_alpha=8), seed=1)
+    PolicyTrainer(q, PPOConfig(rollout_batch_size=4, minibatch_size=2), seed=1).load(dest)
+    a, b = p.adapter_state(), q.adapter_state()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with torch.no_grad():  # same merged base and same adapter: same policy and same reference
+        assert torch.allclose(p.forward(batch)["logp"], q.forward(batch)["logp"], atol=1e-5)
+        assert torch.allclose(p.forward(batch, use_adapter=False)["logp"],
+                              q.forward(batch, use_adapter=False)["logp"], atol=1e-5)
+    assert not any(n.endswith(".tmp") for n in (x.name for x in tmp_path.iterdir()))

@@ -1,0 +1,68 @@
+import json
+
+import pytest
+
+from rlhf_core.config import DataConfig
+from rlhf_core.prompts import (BENIGN_FILE, BORDERLINE_FILE, PromptFileError, assign_split, build_prompt_table,
+                               read_prompt_file)
+
+
+def test_packaged_sets_are_large_enough():
+    benign = read_prompt_file(BENIGN_FILE, "benign")
+    borderline = read_prompt_file(BORDERLINE_FILE, "borderline")
+    assert len(benign) + len(borderline) >= 300
+    assert len({r["category"] for r in benign}) >= 8 and len({r["category"] for r in borderline}) >= 6
+
+
+def test_prompt_table_split_is_fixed_and_disjoint():
+    t1 = build_prompt_table(DataConfig()).to_pylist()
+    t2 = build_prompt_table(DataConfig()).to_pylist()
+    assert [r["split"] for r in t1] == [r["split"] for r in t2]
+    train = {r["prompt"].lower() for r in t1 if r["split"] == "train"}
+    held = {r["prompt"].lower() for r in t1 if r["split"] == "eval"}
+    assert train and held and not (train & held)
+    kinds = {r["kind"] for r in t1}
+    assert kinds == {"harmful", "benign", "borderline"}
+    assert len({r["prompt_id"] for r in t1}) == len(t1)
+
+
+def test_split_does_not_depend_on_order():
+    rows = [{"prompt": f"p{i}"} for i in range(200)]
+    a = {r["prompt"]: r["split"] for r in assign_split([dict(r) for r in rows], 0.25, 7)}
+    b = {r["prompt"]: r["split"] for r in assign_split([dict(r) for r in reversed(rows)], 0.25, 7)}
+    assert a == b
+    assert 20 < sum(v == "eval" for v in a.values()) < 80
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("missing.csv", "text\nhello\n", "missing column 'prompt'"),
+    ("empty.jsonl", "", "no prompts"),
+    ("blank.jsonl", '{"prompt": "ok"}\n{"prompt": "  "}\n', ":2: empty"),
+    ("badjson.jsonl", '{"prompt": "ok"}\n{"prompt": \n', ":2: invalid JSON"),
+    ("nofield.jsonl", '{"text": "ok"}\n', ":1: missing field 'prompt'"),
+    ("notes.txt", "hello\n", "unsupported prompt file type"),
+])
+def test_malformed_files_name_file_and_problem(tmp_path, name, content, message):
+    p = tmp_path / name
+    p.write_text(content, encoding="utf-8")
+    with pytest.raises(PromptFileError) as e:
+        read_prompt_file(p, "benign")
+    assert str(p) in str(e.value) and message in str(e.value)
+
+
+def test_bad_encoding(tmp_path):
+    p = tmp_path / "latin.jsonl"
+    p.write_bytes(json.dumps({"prompt": "caf\u00e9"}).encode("latin-1").replace(b"\\u00e9", b"\xe9"))
+    with pytest.raises(PromptFileError, match="not valid UTF-8"):
+        read_prompt_file(p, "benign")
+
+
+def test_good_csv_and_parquet(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    c = tmp_path / "ok.csv"
+    c.write_text('prompt,category\n"Hello, there",greeting\n', encoding="utf-8")
+    assert read_prompt_file(c, "benign")[0]["prompt"] == "Hello, there"
+    q = tmp_path / "ok.parquet"
+    pq.write_table(pa.table({"prompt": ["a b c"]}), q)
+    assert read_prompt_file(q, "harmful")[0]["kind"] == "harmful"
