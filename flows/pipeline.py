@@ -5,7 +5,8 @@
     for k in 1..K:
         samples     ← generate_samples(policy_k-1)           # rollout pool
         preferences ← collect_feedback(samples)              # constitution judge + label noise
-        (k = 1)       warm_up_policy(best-of-n targets)      # supervised stage before RL
+        policy      ← warm_up_policy(judge's best answers)   # supervised (rejection sampling), merged
+                                                             #   into the base: PPO's reference
         reward_model← train_reward_model(preferences)        # Bradley–Terry
         policy_k    ← update_policy(reward_model)            # PPO inner loop under one controller
         evaluate(policy_k)                                   # unsafe compliance, over-refusal, KL
@@ -26,7 +27,7 @@ from flows.run_state import RUNS, RunState, new_run_id
 from rlhf_core import schemas
 from rlhf_core.config import AlignflowConfig
 from rlhf_core.evaluation import eval_rows, summarize
-from rlhf_core.feedback import annotator_id, best_of_n, make_preferences, preference_stats
+from rlhf_core.feedback import annotator_id, make_preferences, preference_stats, rejection_sampling_targets
 from rlhf_core.prompts import build_prompt_table
 
 # Live actor handles are never task inputs (Prefect would hash them): tasks take the run id.
@@ -85,12 +86,12 @@ def _eval_prompts(state: RunState) -> list[dict]:
 
 
 def _train_prompts(state: RunState, n: int, k: int) -> list[dict]:
-    """n training prompts, half harmful, half benign/borderline, resampled each iteration."""
+    """n training prompts (data.harmful_share of them harmful), resampled each iteration."""
     rng = np.random.default_rng(state.cfg.run.seed * 7919 + k)
     rows = [r for r in state.prompts if r["split"] == "train"]
     harmful = [r for r in rows if r["kind"] == "harmful"]
     other = [r for r in rows if r["kind"] != "harmful"]
-    h = n // 2
+    h = max(1, round(n * state.cfg.data.harmful_share))
     pick = lambda pool, m: [pool[i] for i in rng.choice(len(pool), m, replace=len(pool) < m)]  # noqa: E731
     return pick(harmful, h) + pick(other, n - h)
 
@@ -110,8 +111,10 @@ def start_workers(run_id: str) -> dict:
     train = [r for r in st.prompts if r["split"] == "train"]
     clf_path = str(st.run_dir / "judge" / "harm_classifier.npz")
     os.makedirs(os.path.dirname(clf_path), exist_ok=True)
-    clf_metrics = st.workers.fit_harm_classifier([r["prompt"] for r in train],
-                                                 [int(r["kind"] == "harmful") for r in train], clf_path)
+    held = [r for r in st.prompts if r["split"] == "eval"]
+    clf_metrics = st.workers.fit_harm_classifier(
+        [r["prompt"] for r in train], [int(r["kind"] == "harmful") for r in train], clf_path,
+        heldout=([r["prompt"] for r in held], [int(r["kind"] == "harmful") for r in held]))
     info = st.workers.constitution_info()
     st.demonstrations = info["refusal_demonstrations"]
     st.manifest.update(models={"policy": policy_path, "encoder": encoder_path, "reward_model_backbone": rm_path},
@@ -173,7 +176,7 @@ def generate_samples(run_id: str, k: int) -> str:
 
 @task(**STAGE, retries=1)
 def collect_feedback(run_id: str, k: int, samples_path: str) -> str:
-    """Constitution judge scores every candidate; noisy pairwise preferences + best-of-n targets."""
+    """Constitution judge scores every candidate; noisy pairwise preferences + supervised targets."""
     st = _state(run_id)
     cfg = st.cfg.feedback
     samples = schemas.read_table(samples_path, schemas.SAMPLES).to_pylist()
@@ -196,25 +199,47 @@ def collect_feedback(run_id: str, k: int, samples_path: str) -> str:
     d = st.iter_dir(k)
     path = schemas.write_table(schemas.from_rows(pairs, schemas.PREFERENCES), d / "preferences.parquet",
                                schemas.PREFERENCES)
-    targets = best_of_n(samples, scores)
+    w = st.cfg.warmup
+    candidates = samples if (k == 1 or w.demonstrations_after_first) else [s for s in samples if s["origin"] == "policy"]
+    cand_scores = scores if candidates is samples else _subset(scores, [i for i, s in enumerate(samples)
+                                                                       if s["origin"] == "policy"])
+    targets = rejection_sampling_targets(candidates, cand_scores, w.keep_margin)
     tpath = schemas.write_table(schemas.from_rows(targets, schemas.SAMPLES), d / "warmup_targets.parquet",
                                 schemas.SAMPLES)
     stats = preference_stats(pairs)
-    stats["demonstration_chosen"] = float(np.mean([t["origin"] == "demonstration" for t in targets]))
+    stats["warmup_targets_count"] = len(targets)
+    stats["warmup_targets_refusal_demonstrations"] = float(np.mean([t["origin"] == "demonstration" for t in targets]))
     st.record(k, "preferences", {"path": str(path), "sha256": schemas.file_sha256(path), "annotator": annotator,
                                  "warmup_targets": str(tpath), **stats})
     return str(path)
 
 
+def _subset(scores, idx: list[int]):
+    """Rows `idx` of a JudgeScores (arrays and dicts of arrays)."""
+    import dataclasses
+    out = {}
+    for f in dataclasses.fields(scores):
+        v = getattr(scores, f.name)
+        out[f.name] = {k: a[idx] for k, a in v.items()} if isinstance(v, dict) else np.asarray(v)[idx]
+    return type(scores)(**out)
+
+
 @task(**STAGE)
 def warm_up_policy(run_id: str, k: int) -> dict:
-    """Supervised warm-up on the judge's best-of-n answers (InstructGPT/Safe-RLHF start RL from SFT)."""
+    """Supervised stage on the judge's best answers (rejection sampling), then merged into the base.
+
+    InstructGPT and Safe-RLHF start RL from a supervised policy; Llama 2 alternates rejection-sampling
+    fine-tuning and PPO. In later iterations the candidates are the current policy's own answers, so a
+    benign prompt it now refuses is trained towards its answer that did not refuse.
+    """
     st = _state(run_id)
     targets = schemas.read_table(st.iter_dir(k) / "warmup_targets.parquet", schemas.SAMPLES).to_pylist()
     w = st.cfg.warmup
-    steps = w.epochs * -(-len(targets) // w.batch_size)
-    with st.progress.task(f"iter {k}: warm-up (SFT)", steps) as adv:
-        metrics = st.workers.warmup([t["prompt"] for t in targets], [t["response"] for t in targets], progress=adv)
+    epochs = w.epochs if k == 1 else w.later_epochs
+    steps = epochs * -(-len(targets) // w.batch_size)
+    with st.progress.task(f"iter {k}: supervised (rejection sampling)", steps) as adv:
+        metrics = st.workers.warmup([t["prompt"] for t in targets], [t["response"] for t in targets],
+                                    epochs=epochs, version=f"iter{k}-sft", progress=adv)
     st.record(k, "warmup", metrics)
     return metrics
 
@@ -263,7 +288,7 @@ def rlhf_pipeline(cfg: AlignflowConfig, run_id: str | None = None, show_progress
             for k in range(1, cfg.run.iterations + 1):
                 samples = generate_samples(st.run_id, k)
                 preferences = collect_feedback(st.run_id, k, samples)
-                if k == 1 and cfg.warmup.enabled:
+                if cfg.warmup.enabled and (k == 1 or cfg.warmup.every_iteration):
                     warm_up_policy(st.run_id, k)
                 train_reward_model(st.run_id, k, preferences)
                 update_policy(st.run_id, k)

@@ -1,8 +1,13 @@
-"""Rich progress bars for long stages (generation, judging, training), quiet when not a terminal."""
+"""Progress for long stages (generation, judging, training).
+
+Rich progress bars on an interactive terminal; otherwise (CI, logs, Prefect workers) a log line at
+every ~10 % of a stage with the elapsed time, so a run in a log file still shows where it is.
+"""
 from __future__ import annotations
 
 import contextlib
 import sys
+import time
 
 from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
@@ -10,9 +15,10 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
 
 
 class ProgressUI:
-    def __init__(self, enabled: bool | None = None):
+    def __init__(self, enabled: bool | None = None, log=print):
         self.console = Console(stderr=True)
         self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self.log = log
         self._progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                                   TimeElapsedColumn(), TimeRemainingColumn(), console=self.console,
                                   disable=not self.enabled, transient=False)
@@ -26,9 +32,18 @@ class ProgressUI:
 
     @contextlib.contextmanager
     def task(self, description: str, total: int):
-        """Yield an advance(n) callback for a bar with `total` items."""
-        tid = self._progress.add_task(description, total=total)
-        try:
+        """Yield an advance(n) callback for a stage with `total` work items."""
+        if self.enabled:
+            tid = self._progress.add_task(description, total=total)
             yield lambda n=1: self._progress.advance(tid, n)
-        finally:
-            self._progress.update(tid, completed=total)
+            return
+        state = {"done": 0, "next": 0.1, "t0": time.time()}
+
+        def advance(n: int = 1) -> None:
+            state["done"] += n
+            frac = state["done"] / max(total, 1)
+            if frac >= state["next"] or state["done"] == total:
+                self.log(f"{description}: {state['done']}/{total} ({time.time() - state['t0']:.0f}s)")
+                state["next"] = frac + 0.1
+
+        yield advance

@@ -32,7 +32,9 @@ class PolicyConfig(_Section):
         description="Module names that get LoRA adapters.")
     max_prompt_tokens: int = Field(128, ge=8, description="Prompts are truncated (left) to this many tokens.")
     max_new_tokens: int = Field(48, ge=1, description="Tokens generated per answer (rollout and eval).")
-    temperature: float = Field(1.0, gt=0, description="Sampling temperature for rollouts (eval is greedy).")
+    temperature: float = Field(0.7, gt=0, description=(
+        "Sampling temperature for rollouts (eval is greedy). PPO's log-probs use the same temperature, "
+        "so the objective stays on-policy; below 1 keeps a 135M model's samples coherent."))
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling for rollouts.")
 
 
@@ -45,10 +47,13 @@ class DataConfig(_Section):
     borderline_file: str | None = Field(None, description="'Sounds dangerous but is fine' prompts (default: packaged).")
     eval_fraction: float = Field(0.25, gt=0, lt=1, description="Share of each prompt set held out for evaluation.")
     split_seed: int = Field(1234, description="Seed of the fixed train/eval split (independent of the run seed).")
-    train_prompts_per_iter: int = Field(96, ge=2, description="Prompts sampled per iteration for feedback (half harmful).")
-    eval_harmful: int = Field(80, ge=1, description="Held-out harmful prompts evaluated (capped by what exists).")
-    eval_benign: int = Field(40, ge=1, description="Held-out benign prompts evaluated.")
-    eval_borderline: int = Field(40, ge=1, description="Held-out borderline prompts evaluated.")
+    train_prompts_per_iter: int = Field(96, ge=2, description="Prompts sampled per iteration for feedback.")
+    harmful_share: float = Field(0.3, gt=0, lt=1, description=(
+        "Share of harmful prompts among those sampled for feedback. Below one half: refusing is a simple "
+        "behaviour that a small model over-generalises, so it sees more requests it must answer."))
+    eval_harmful: int = Field(50, ge=1, description="Held-out harmful prompts evaluated (capped by what exists).")
+    eval_benign: int = Field(25, ge=1, description="Held-out benign prompts evaluated.")
+    eval_borderline: int = Field(25, ge=1, description="Held-out borderline prompts evaluated.")
 
 
 class FeedbackConfig(_Section):
@@ -66,27 +71,38 @@ class RewardModelConfig(_Section):
     epochs: int = Field(2, ge=1, description="Epochs over the preference pairs per iteration.")
     lr: float = Field(5e-5, gt=0, description="AdamW learning rate.")
     batch_size: int = Field(16, ge=1)
-    max_length: int = Field(192, ge=16, description="Tokens of prompt+answer seen by the reward model.")
+    max_length: int = Field(128, ge=16, description="Tokens of prompt+answer seen by the reward model.")
     margin: float = Field(0.0, ge=0, description="Bradley-Terry margin (Llama-2 style); 0 disables.")
     holdout_fraction: float = Field(0.2, ge=0, lt=1, description="Share of pairs held out for pair accuracy.")
 
 
 class WarmupConfig(_Section):
     enabled: bool = Field(True, description=(
-        "Supervised warm-up before RL (InstructGPT/Safe-RLHF): judge-picked best-of-n answers for "
-        "benign prompts, constitution demonstrations for harmful ones."))
-    prompts: int = Field(256, ge=2, description="Training prompts used for the warm-up (half harmful).")
-    epochs: int = Field(2, ge=1)
+        "Supervised stage before PPO (InstructGPT/Safe-RLHF start RL from SFT; Llama 2 iterates rejection "
+        "sampling + PPO): fine-tune on the judge's best candidates, then merge into the reference."))
+    every_iteration: bool = Field(True, description=(
+        "Repeat the supervised stage each iteration on the current policy's samples (rejection sampling); "
+        "false = first iteration only."))
+    prompts: int = Field(192, ge=2, description="Training prompts sampled in the first iteration (later: data.train_prompts_per_iter).")
+    epochs: int = Field(2, ge=1, description="Epochs in the first iteration.")
+    later_epochs: int = Field(1, ge=1, description="Epochs in later iterations.")
+    demonstrations_after_first: bool = Field(False, description=(
+        "Use constitution demonstrations as supervised targets after the first iteration. Off: later "
+        "iterations train only on the policy's own best answers (expert iteration), which sharpens when "
+        "to refuse without adding more canned refusals. Demonstrations still enter preference pairs."))
+    keep_margin: float = Field(0.15, ge=0, description=(
+        "Besides each prompt's best candidate, keep every other candidate whose judge total is within this "
+        "margin of the best and above 0 (more good answers per benign prompt, no extra generation)."))
     lr: float = Field(2e-4, gt=0)
     batch_size: int = Field(8, ge=1)
 
 
 class PPOConfig(_Section):
-    steps: int = Field(8, ge=0, description="PPO steps (rollout+update) per iteration.")
-    rollout_batch_size: int = Field(32, ge=1, description="Prompts per PPO step (half harmful).")
-    ppo_epochs: int = Field(2, ge=1, description="Passes over each rollout batch.")
+    steps: int = Field(4, ge=0, description="PPO steps (rollout+update) per iteration.")
+    rollout_batch_size: int = Field(24, ge=1, description="Prompts per PPO step (half harmful).")
+    ppo_epochs: int = Field(1, ge=1, description="Passes over each rollout batch.")
     minibatch_size: int = Field(8, ge=1)
-    lr: float = Field(5e-5, gt=0, description="AdamW LR for LoRA and the value head.")
+    lr: float = Field(2e-4, gt=0, description="AdamW LR for the LoRA adapter and the value head.")
     gamma: float = Field(1.0, ge=0, le=1)
     lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
     clip_eps: float = Field(0.2, gt=0, description="PPO ratio clip.")

@@ -54,17 +54,24 @@ def make_preferences(samples: list[dict], scores, *, flip_prob: float, tie_margi
     return rows
 
 
-def best_of_n(samples: list[dict], scores) -> list[dict]:
-    """The judge's best candidate per prompt (no label noise): targets of the supervised warm-up.
+def rejection_sampling_targets(samples: list[dict], scores, keep_margin: float = 0.0) -> list[dict]:
+    """Supervised targets: each prompt's best candidate by the judge (no label noise), plus every
+    other candidate within `keep_margin` of the best whose total is above 0.
 
-    Rejection sampling / best-of-n as in Constitutional AI's and Llama 2's supervised stages.
+    Best-of-n / rejection sampling as in Constitutional AI's and Llama 2's supervised stages. The
+    extra candidates give benign prompts more good answers without generating more: for harmful
+    prompts only the refusal scores near the top, so their share does not grow.
     """
-    best: dict[str, int] = {}
+    by_prompt: dict[str, list[int]] = defaultdict(list)
     for i, s in enumerate(samples):
-        j = best.get(s["prompt_id"])
-        if j is None or scores.total[i] > scores.total[j]:
-            best[s["prompt_id"]] = i
-    return [dict(samples[i], judge_total=float(scores.total[i])) for i in best.values()]
+        by_prompt[s["prompt_id"]].append(i)
+    out = []
+    for idx in by_prompt.values():
+        best = max(idx, key=lambda i: scores.total[i])
+        keep = [i for i in idx if i == best or (scores.total[i] > 0
+                                                  and scores.total[i] >= scores.total[best] - keep_margin)]
+        out += [dict(samples[i], judge_total=float(scores.total[i])) for i in keep]
+    return out
 
 
 def preference_stats(rows: list[dict]) -> dict:

@@ -36,9 +36,28 @@ def test_pipeline_two_iterations(ray_local, tiny_config, tmp_path):
     a2 = load_file(str(run / "iter_2" / "policy_adapter" / "adapter_model.safetensors"))
     assert any(not torch.equal(a1[k], a2[k]) for k in a1), "iteration 2 did not change the adapter"
     assert set(out["results"]) == {0, 1, 2}
+    assert 0.5 < manifest["judge"]["harm_classifier_metrics"]["heldout_accuracy"] <= 1.0
     eval_rows = pq.read_table(run / "iter_2" / "eval.parquet").to_pylist()
     assert {r["kind"] for r in eval_rows} == {"harmful", "benign", "borderline"}
     assert not list(run.rglob("*.tmp*"))
+
+    # the Prefect API (here the ephemeral one) holds a markdown artifact per iteration + the report
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(like_=run.name.lower())))
+    keys = {a.key for a in arts}
+    assert {f"{run.name.lower()}-iter-1", f"{run.name.lower()}-iter-2", f"{run.name.lower()}-report"} <= keys
+    assert all("unsafe" in a.data.lower() for a in arts if a.key.endswith("report"))
+
+    # `alignflow eval --adapter` rebuilds the final policy (warm-up merged + PPO adapter) from disk:
+    # its greedy answers on the held-out sets are exactly the pipeline's own final evaluation.
+    from flows.pipeline import eval_flow
+    ev = eval_flow(tiny_config(f"run.output_dir={tmp_path}", "run.name=eval"),
+                   adapter=str(run / "iter_2" / "policy_adapter"), show_progress=False)
+    again = pq.read_table(Path(ev["run_dir"]) / "iter_0" / "eval.parquet").to_pylist()
+    assert [r["response"] for r in again] == [r["response"] for r in eval_rows]
+    assert ev["metrics"]["unsafe_compliance"] == out["results"][2]["unsafe_compliance"]
 
 
 def _cli(*args, cwd):

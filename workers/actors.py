@@ -71,15 +71,26 @@ class FeedbackWorker:
         if self.harm is not None:
             self.judge = judge.ConstitutionJudge(self.constitution, self.encoder, self.harm, judge.RefusalDetector())
 
-    def fit_harm_classifier(self, texts: list[str], labels: list[int], seed: int, dest: str) -> dict:
-        """Train the harmful-request classifier on training prompts only; save it atomically."""
+    def fit_harm_classifier(self, texts: list[str], labels: list[int], seed: int, dest: str,
+                            heldout: tuple[list[str], list[int]] | None = None) -> dict:
+        """Train the harmful-request classifier on training prompts only; save it atomically.
+
+        Returns its accuracy and false-positive rate on `heldout` (texts, labels) when given.
+        """
+        import numpy as np
+
         from rlhf_core import judge
         if len(set(labels)) < 2:
             raise ValueError("harm classifier needs both harmful and non-harmful training prompts")
-        clf = judge.HarmClassifier(self.encoder)
-        metrics = clf.fit(texts, labels, seed=seed) or {}
+        clf = judge.HarmClassifier(self.encoder).fit(texts, labels, seed=seed)
         clf.save(dest)
-        return dict(metrics) if isinstance(metrics, dict) else {}
+        if not heldout or not heldout[0]:
+            return {}
+        pred = clf.predict_proba(heldout[0]) >= 0.5
+        y = np.asarray(heldout[1], dtype=bool)
+        return {"heldout_accuracy": float((pred == y).mean()),
+                "heldout_false_positive_rate": float(pred[~y].mean()) if (~y).any() else float("nan"),
+                "heldout_recall": float(pred[y].mean()) if y.any() else float("nan"), "heldout_n": int(len(y))}
 
     def load_harm_classifier(self, path: str) -> None:
         from rlhf_core import judge

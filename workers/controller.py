@@ -119,6 +119,7 @@ class RLHFWorkers:
         from transformers import AutoTokenizer
         self.pad_id = AutoTokenizer.from_pretrained(policy_path).pad_token_id or 0
         self.adapter_version = "base"
+        self.sft_rounds = 0
 
     # ----- rollout pool ----------------------------------------------------------------------
     def generate(self, prompts: list[str], *, greedy: bool, seed: int | None = None,
@@ -153,8 +154,9 @@ class RLHFWorkers:
         self.adapter_version = version
 
     # ----- feedback pool ---------------------------------------------------------------------
-    def fit_harm_classifier(self, texts: list[str], labels: list[int], dest: str) -> dict:
-        metrics = _get(self.feedback[0].fit_harm_classifier.remote(texts, labels, self.cfg.run.seed, dest),
+    def fit_harm_classifier(self, texts: list[str], labels: list[int], dest: str,
+                            heldout: tuple[list[str], list[int]] | None = None) -> dict:
+        metrics = _get(self.feedback[0].fit_harm_classifier.remote(texts, labels, self.cfg.run.seed, dest, heldout),
                        self.timeout, "harm classifier training")
         _get([w.load_harm_classifier.remote(dest) for w in self.feedback], self.timeout, "loading harm classifier")
         return metrics
@@ -183,13 +185,16 @@ class RLHFWorkers:
         return _get(self.reward_model.score.remote(prompts, responses), self.timeout, "reward model scoring")
 
     # ----- policy ----------------------------------------------------------------------------
-    def warmup(self, prompts: list[str], responses: list[str], progress: Progress | None = None) -> dict:
-        """Supervised warm-up on judge-picked targets; then sync the adapter to the rollout pool."""
+    def warmup(self, prompts: list[str], responses: list[str], *, epochs: int, version: str = "warmup",
+               progress: Progress | None = None) -> dict:
+        """Supervised stage on judge-picked targets, merged into the base (the new PPO reference),
+        then synced to the rollout pool."""
         w = self.cfg.warmup
-        rng = np.random.default_rng(self.cfg.run.seed)
+        self.sft_rounds += 1
+        rng = np.random.default_rng(self.cfg.run.seed * 1000 + self.sft_rounds)
         _get(self.policy_trainer.begin_sft.remote(w.lr), self.timeout, "warm-up setup")
         losses = []
-        for _ in range(w.epochs):
+        for _ in range(epochs):
             order = rng.permutation(len(prompts))
             for s in range(0, len(order), w.batch_size):
                 idx = order[s: s + w.batch_size]
@@ -199,8 +204,8 @@ class RLHFWorkers:
                 if progress:
                     progress(1)
         _get(self.policy_trainer.end_sft.remote(), self.timeout, "merging the warm-up adapter")
-        self.sync_adapter("warmup")
-        per_epoch = max(1, len(losses) // w.epochs)
+        self.sync_adapter(version)
+        per_epoch = max(1, len(losses) // epochs)
         return {"warmup_loss_first_epoch": float(np.mean(losses[:per_epoch])),
                 "warmup_loss_last_epoch": float(np.mean(losses[-per_epoch:])), "warmup_steps": len(losses)}
 
