@@ -48,7 +48,7 @@ class DataConfig(_Section):
     eval_fraction: float = Field(0.25, gt=0, lt=1, description="Share of each prompt set held out for evaluation.")
     split_seed: int = Field(1234, description="Seed of the fixed train/eval split (independent of the run seed).")
     train_prompts_per_iter: int = Field(96, ge=2, description="Prompts sampled per iteration for feedback.")
-    harmful_share: float = Field(0.3, gt=0, lt=1, description=(
+    harmful_share: float = Field(0.34, gt=0, lt=1, description=(
         "Share of harmful prompts among those sampled for feedback. Below one half: refusing is a simple "
         "behaviour that a small model over-generalises, so it sees more requests it must answer."))
     eval_harmful: int = Field(50, ge=1, description="Held-out harmful prompts evaluated (capped by what exists).")
@@ -86,10 +86,10 @@ class WarmupConfig(_Section):
     prompts: int = Field(192, ge=2, description="Training prompts sampled in the first iteration (later: data.train_prompts_per_iter).")
     epochs: int = Field(2, ge=1, description="Epochs in the first iteration.")
     later_epochs: int = Field(1, ge=1, description="Epochs in later iterations.")
-    demonstrations_after_first: bool = Field(False, description=(
+    demonstrations_after_first: bool = Field(True, description=(
         "Use constitution demonstrations as supervised targets after the first iteration. Off: later "
-        "iterations train only on the policy's own best answers (expert iteration), which sharpens when "
-        "to refuse without adding more canned refusals. Demonstrations still enter preference pairs."))
+        "iterations train only on the policy's own best answers (expert iteration); demonstrations "
+        "still enter preference pairs. Off measured no better in one run (README), so on by default."))
     keep_margin: float = Field(0.15, ge=0, description=(
         "Besides each prompt's best candidate, keep every other candidate whose judge total is within this "
         "margin of the best and above 0 (more good answers per benign prompt, no extra generation)."))
