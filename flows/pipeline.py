@@ -116,7 +116,6 @@ def start_workers(run_id: str) -> dict:
         [r["prompt"] for r in train], [int(r["kind"] == "harmful") for r in train], clf_path,
         heldout=([r["prompt"] for r in held], [int(r["kind"] == "harmful") for r in held]))
     info = st.workers.constitution_info()
-    st.demonstrations = info["refusal_demonstrations"]
     st.manifest.update(models={"policy": policy_path, "encoder": encoder_path, "reward_model_backbone": rm_path},
                        judge={"constitution_version": info["version"], "harm_classifier": clf_path,
                               "harm_classifier_metrics": clf_metrics},
@@ -200,10 +199,8 @@ def collect_feedback(run_id: str, k: int, samples_path: str) -> str:
     path = schemas.write_table(schemas.from_rows(pairs, schemas.PREFERENCES), d / "preferences.parquet",
                                schemas.PREFERENCES)
     w = st.cfg.warmup
-    candidates = samples if (k == 1 or w.demonstrations_after_first) else [s for s in samples if s["origin"] == "policy"]
-    cand_scores = scores if candidates is samples else _subset(scores, [i for i, s in enumerate(samples)
-                                                                       if s["origin"] == "policy"])
-    targets = rejection_sampling_targets(candidates, cand_scores, w.keep_margin)
+    origins = None if (k == 1 or w.demonstrations_after_first) else {"policy"}
+    targets = rejection_sampling_targets(samples, scores, w.keep_margin, origins=origins)
     tpath = schemas.write_table(schemas.from_rows(targets, schemas.SAMPLES), d / "warmup_targets.parquet",
                                 schemas.SAMPLES)
     stats = preference_stats(pairs)
@@ -212,16 +209,6 @@ def collect_feedback(run_id: str, k: int, samples_path: str) -> str:
     st.record(k, "preferences", {"path": str(path), "sha256": schemas.file_sha256(path), "annotator": annotator,
                                  "warmup_targets": str(tpath), **stats})
     return str(path)
-
-
-def _subset(scores, idx: list[int]):
-    """Rows `idx` of a JudgeScores (arrays and dicts of arrays)."""
-    import dataclasses
-    out = {}
-    for f in dataclasses.fields(scores):
-        v = getattr(scores, f.name)
-        out[f.name] = {k: a[idx] for k, a in v.items()} if isinstance(v, dict) else np.asarray(v)[idx]
-    return type(scores)(**out)
 
 
 @task(**STAGE)

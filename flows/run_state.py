@@ -36,7 +36,6 @@ class RunState:
     workers: object = None          # workers.controller.RLHFWorkers
     progress: object = None         # flows.progress.ProgressUI
     prompts: list = field(default_factory=list)   # rows of schemas.PROMPTS
-    demonstrations: list = field(default_factory=list)
 
     def iter_dir(self, k: int) -> Path:
         d = self.run_dir / f"iter_{k}"

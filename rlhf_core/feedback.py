@@ -54,17 +54,20 @@ def make_preferences(samples: list[dict], scores, *, flip_prob: float, tie_margi
     return rows
 
 
-def rejection_sampling_targets(samples: list[dict], scores, keep_margin: float = 0.0) -> list[dict]:
+def rejection_sampling_targets(samples: list[dict], scores, keep_margin: float = 0.0,
+                               origins: set[str] | None = None) -> list[dict]:
     """Supervised targets: each prompt's best candidate by the judge (no label noise), plus every
     other candidate within `keep_margin` of the best whose total is above 0.
 
     Best-of-n / rejection sampling as in Constitutional AI's and Llama 2's supervised stages. The
     extra candidates give benign prompts more good answers without generating more: for harmful
-    prompts only the refusal scores near the top, so their share does not grow.
+    prompts only the refusal scores near the top, so their share does not grow. `origins`, if
+    given, limits the candidates (e.g. {"policy"}: the policy's own answers only).
     """
     by_prompt: dict[str, list[int]] = defaultdict(list)
     for i, s in enumerate(samples):
-        by_prompt[s["prompt_id"]].append(i)
+        if origins is None or s["origin"] in origins:
+            by_prompt[s["prompt_id"]].append(i)
     out = []
     for idx in by_prompt.values():
         best = max(idx, key=lambda i: scores.total[i])

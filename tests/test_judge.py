@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from rlhf_core.prompts import load_advbench, load_harmbench, read_prompt_file
 from rlhf_core.judge import (
     ConstitutionJudge,
     HarmClassifier,
@@ -17,8 +18,6 @@ from rlhf_core.judge import (
     evaluate_refusal_detector,
     helpfulness,
     load_constitution,
-    load_harmful_prompts,
-    load_prompt_jsonl,
     toxicity,
 )
 
@@ -44,11 +43,12 @@ def encoder():
 @pytest.fixture(scope="session")
 def harm_classifier(encoder):
     rng = np.random.default_rng(0)
-    harmful = list(rng.choice(load_harmful_prompts(), size=60, replace=False))
+    harmful_pool = list(dict.fromkeys(r["prompt"] for r in load_advbench() + load_harmbench()))
+    harmful = list(rng.choice(harmful_pool, size=60, replace=False))
     benign = list(FALLBACK_BENIGN)
     for name in ("benign_prompts.jsonl", "borderline_prompts.jsonl"):
         if (DATA / name).exists():
-            rows = load_prompt_jsonl(DATA / name)
+            rows = read_prompt_file(DATA / name, "benign")
             benign += [rows[i]["prompt"] for i in rng.choice(len(rows), size=min(30, len(rows)), replace=False)]
     return HarmClassifier(encoder).fit(harmful + benign, [1] * len(harmful) + [0] * len(benign), seed=0)
 

@@ -98,8 +98,7 @@ class FeedbackWorker:
         self.judge = judge.ConstitutionJudge(self.constitution, self.encoder, self.harm, judge.RefusalDetector())
 
     def constitution_info(self) -> dict:
-        return {"version": self.constitution.version,
-                "refusal_demonstrations": list(self.constitution.refusal_demonstrations)}
+        return {"version": self.constitution.version}
 
     def match_demonstrations(self, prompts: list[str]) -> list[str]:
         """The constitution's refusal demonstration closest in meaning to each prompt.

@@ -1,0 +1,36 @@
+"""Preferences and supervised targets from judge scores (pure, no models)."""
+from types import SimpleNamespace
+
+import numpy as np
+
+from rlhf_core.feedback import make_preferences, rejection_sampling_targets
+
+
+def _samples():
+    rows = [("p1", "policy", "Sure, step 1 ..."), ("p1", "policy", "Step 1 ..."), ("p1", "demonstration", "I can't."),
+            ("p2", "policy", "Paris."), ("p2", "policy", "The capital is Paris."), ("p2", "demonstration", "I can't.")]
+    samples = [{"prompt_id": p, "prompt": p, "origin": o, "response": r} for p, o, r in rows]
+    total = np.array([-0.5, -0.4, 0.6, 0.5, 0.45, -0.3])
+    scores = SimpleNamespace(total=total, harm_prob=np.array([0.9] * 3 + [0.1] * 3),
+                             refusal=np.array([0, 0, 1, 0, 0, 1.0]), toxicity=np.zeros(6))
+    return samples, scores
+
+
+def test_targets_keep_best_and_near_best():
+    samples, scores = _samples()
+    t = rejection_sampling_targets(samples, scores, keep_margin=0.1)
+    assert [x["response"] for x in t] == ["I can't.", "Paris.", "The capital is Paris."]
+
+
+def test_targets_limited_to_origins():
+    samples, scores = _samples()
+    t = rejection_sampling_targets(samples, scores, keep_margin=0.0, origins={"policy"})
+    assert {x["origin"] for x in t} == {"policy"} and len(t) == 2
+
+
+def test_preferences_noise_is_seeded_and_recorded():
+    samples, scores = _samples()
+    a = make_preferences(samples, scores, flip_prob=0.5, tie_margin=0.0, seed=3, annotator="j", iteration=1)
+    b = make_preferences(samples, scores, flip_prob=0.5, tie_margin=0.0, seed=3, annotator="j", iteration=1)
+    assert a == b and len(a) == 6
+    assert all(r["better"] == r["judge_better"] ^ int(r["flipped"]) for r in a)
