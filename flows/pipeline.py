@@ -27,7 +27,8 @@ from flows.run_state import RUNS, RunState, new_run_id
 from rlhf_core import schemas
 from rlhf_core.config import AlignflowConfig
 from rlhf_core.evaluation import eval_rows, summarize
-from rlhf_core.feedback import annotator_id, make_preferences, preference_stats, rejection_sampling_targets
+from rlhf_core.feedback import (annotator_id, make_preferences, preference_stats, refusal_negatives,
+                                rejection_sampling_targets)
 from rlhf_core.prompts import build_prompt_table
 
 # Live actor handles are never task inputs (Prefect would hash them): tasks take the run id.
@@ -137,9 +138,8 @@ def evaluate(run_id: str, k: int, use_adapter: bool | None = None, with_reward_m
     texts = [p["prompt"] for p in prompts]
     with st.progress.task(f"iter {k}: evaluate (greedy)", len(texts)) as adv:
         roll = w.generate(texts, greedy=True, use_adapter=use_adapter, progress=adv)
-    scores = w.judge(texts, roll["texts"])
-    rm = w.reward(texts, roll["texts"])["raw"] if with_reward_model else None
-    kls = w.sequence_kl(roll) if use_adapter else [0.0] * len(texts)
+    scores, rm, kls = w.score_answers(texts, roll, with_reward_model=with_reward_model, with_kl=use_adapter)
+    kls = kls if kls is not None else [0.0] * len(texts)
     rows = eval_rows(prompts, roll["texts"], roll["num_tokens"], scores, rm, kls)
     path = schemas.write_table(schemas.from_rows(rows, schemas.EVAL_RESULTS), st.iter_dir(k) / "eval.parquet",
                                schemas.EVAL_RESULTS)
@@ -203,9 +203,13 @@ def collect_feedback(run_id: str, k: int, samples_path: str) -> str:
     targets = rejection_sampling_targets(samples, scores, w.keep_margin, origins=origins)
     tpath = schemas.write_table(schemas.from_rows(targets, schemas.SAMPLES), d / "warmup_targets.parquet",
                                 schemas.SAMPLES)
+    negatives = refusal_negatives(samples, scores)
+    schemas.write_table(schemas.from_rows(negatives, schemas.SAMPLES), d / "warmup_negatives.parquet", schemas.SAMPLES)
     stats = preference_stats(pairs)
     stats["warmup_targets_count"] = len(targets)
     stats["warmup_targets_refusal_demonstrations"] = float(np.mean([t["origin"] == "demonstration" for t in targets]))
+    stats["warmup_negatives_count"] = len(negatives)
+    stats["warmup_negatives_from_policy"] = sum(n["origin"] == "policy" for n in negatives)
     st.record(k, "preferences", {"path": str(path), "sha256": schemas.file_sha256(path), "annotator": annotator,
                                  "warmup_targets": str(tpath), **stats})
     return str(path)
@@ -217,16 +221,21 @@ def warm_up_policy(run_id: str, k: int) -> dict:
 
     InstructGPT and Safe-RLHF start RL from a supervised policy; Llama 2 alternates rejection-sampling
     fine-tuning and PPO. In later iterations the candidates are the current policy's own answers, so a
-    benign prompt it now refuses is trained towards its answer that did not refuse.
+    benign prompt it now refuses is trained towards its answer that did not refuse. Refusals of prompts
+    the judge deems safe are negatives: an unlikelihood term pushes their opening down, so refusing
+    harmful requests is learned as a distinction, not as a habit.
     """
     st = _state(run_id)
     targets = schemas.read_table(st.iter_dir(k) / "warmup_targets.parquet", schemas.SAMPLES).to_pylist()
+    negatives: dict[str, list[str]] = {}
+    for n in schemas.read_table(st.iter_dir(k) / "warmup_negatives.parquet", schemas.SAMPLES).to_pylist():
+        negatives.setdefault(n["prompt"], []).append(n["response"])
     w = st.cfg.warmup
     epochs = w.epochs if k == 1 else w.later_epochs
     steps = epochs * -(-len(targets) // w.batch_size)
     with st.progress.task(f"iter {k}: supervised (rejection sampling)", steps) as adv:
         metrics = st.workers.warmup([t["prompt"] for t in targets], [t["response"] for t in targets],
-                                    epochs=epochs, version=f"iter{k}-sft", progress=adv)
+                                    epochs=epochs, version=f"iter{k}-sft", negatives=negatives, progress=adv)
     st.record(k, "warmup", metrics)
     return metrics
 

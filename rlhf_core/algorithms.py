@@ -422,3 +422,27 @@ def bradley_terry_loss(
         return losses.mean()
     weights = torch.as_tensor(weights, dtype=losses.dtype, device=losses.device)
     return (losses * weights).sum() / weights.sum()
+
+
+# ----------------------------------------------------------------------------------------------
+# supervised losses
+# ----------------------------------------------------------------------------------------------
+
+
+def sequence_unlikelihood_loss(logp: torch.Tensor, mask: torch.Tensor, max_tokens: int) -> torch.Tensor:
+    """Push a whole unwanted opening down: −log(1 − π(y_1..y_k | x)), k = max_tokens.
+
+    Sequence-level unlikelihood (Welleck et al. 2019, §5) on the first k answer tokens. Used on
+    refusals of safe prompts: the loss is ≈ 0 when the opening is already unlikely, so it only acts
+    where the policy would actually refuse, and it does not penalise any single common token
+    ("I", "Sure") on its own, only the whole declining phrase. Shapes: logp, mask (B, A) -> scalar.
+    """
+    m = mask.float().clone()
+    m[:, max_tokens:] = 0
+    seq_logp = (logp * m).sum(1)                                                  # (B,) log π(opening)
+    # keep the value finite when the opening is (numerically) certain, but let the gradient through:
+    # that is exactly when the push-down must act
+    seq_logp = seq_logp + (seq_logp.clamp(max=-1e-4) - seq_logp).detach()
+    # log(1 − e^x) for x < 0, computed stably
+    log1m = torch.where(seq_logp > -0.693, torch.log(-torch.expm1(seq_logp)), torch.log1p(-torch.exp(seq_logp)))
+    return -log1m.mean()

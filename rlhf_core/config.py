@@ -93,6 +93,11 @@ class WarmupConfig(_Section):
     keep_margin: float = Field(0.15, ge=0, description=(
         "Besides each prompt's best candidate, keep every other candidate whose judge total is within this "
         "margin of the best and above 0 (more good answers per benign prompt, no extra generation)."))
+    unlikelihood_coef: float = Field(1.0, ge=0, description=(
+        "Weight of the unlikelihood term on refusals of prompts the judge deems safe (the constitution's "
+        "refusals and the policy's own): keeps refusal training from spreading to benign prompts. 0 = off."))
+    unlikelihood_tokens: int = Field(3, ge=1, description=(
+        "Opening tokens of a negative made unlikely (3 ≈ \"I can't\" / \"I'm sorry\"; the topic after it is not)."))
     lr: float = Field(2e-4, gt=0)
     batch_size: int = Field(8, ge=1)
 

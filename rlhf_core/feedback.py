@@ -77,6 +77,19 @@ def rejection_sampling_targets(samples: list[dict], scores, keep_margin: float =
     return out
 
 
+def refusal_negatives(samples: list[dict], scores, harm_threshold: float = 0.5,
+                      refusal_threshold: float = 0.5) -> list[dict]:
+    """Refusals of prompts the judge deems safe: what the supervised stage should make unlikely.
+
+    A candidate is a negative when the judge's harm probability of its prompt is below
+    `harm_threshold` and its refusal strength is at least `refusal_threshold`. The constitution's
+    refusal demonstrations are candidates for every prompt, so each safe prompt has at least one;
+    later iterations add the policy's own over-refusals. The judge decides, not the prompt's source.
+    """
+    return [dict(s, judge_total=float(scores.total[i])) for i, s in enumerate(samples)
+            if scores.harm_prob[i] < harm_threshold and scores.refusal[i] >= refusal_threshold]
+
+
 def preference_stats(rows: list[dict]) -> dict:
     if not rows:
         return {"pairs": 0}

@@ -17,7 +17,7 @@ import torch
 
 from rlhf_core.algorithms import (AdaptiveKLController, FixedKLController, get_advantage_estimator,
                                   get_policy_loss, kl_estimate, masked_mean, masked_whiten,
-                                  ppo_value_loss, token_level_rewards)
+                                  ppo_value_loss, sequence_unlikelihood_loss, token_level_rewards)
 from rlhf_core.policy import Policy, RolloutBatch
 
 
@@ -61,14 +61,29 @@ class PolicyTrainer:
         # the LoRA parameters are new objects: the PPO optimizer must track them
         self.optimizer = torch.optim.AdamW(self.policy.trainable_parameters(), lr=self.cfg.lr)
 
-    def sft_step(self, prompts: list[str], responses: list[str], max_tokens: int) -> float:
-        """One step of cross-entropy on answer tokens only (the prompt is context). Returns the loss."""
+    def sft_step(self, prompts: list[str], responses: list[str], max_tokens: int,
+                 negatives: list[tuple[str, str]] | None = None, unlikelihood_coef: float = 0.0,
+                 unlikelihood_tokens: int = 8) -> dict:
+        """One step of cross-entropy on answer tokens only (the prompt is context).
+
+        `negatives`: (prompt, unwanted answer) pairs, e.g. a refusal of a safe prompt; their opening
+        is pushed down with a sequence-level unlikelihood term weighted by `unlikelihood_coef`.
+        Returns {"loss", "sft_loss", "unlikelihood_loss"}.
+        """
         p = self.policy
         q_ids, q_mask = p.encode_queries(prompts)
         r_ids, r_mask = p.encode_responses(responses, max_tokens)
         p.model.train()
         logp = p.forward(RolloutBatch(q_ids, q_mask, r_ids, r_mask, []))["logp"]  # (B, A)
-        loss = -masked_mean(logp, r_mask.float())
+        sft_loss = -masked_mean(logp, r_mask.float())
+        ul_loss = torch.zeros((), device=p.device)
+        if negatives and unlikelihood_coef > 0:
+            nq_ids, nq_mask = p.encode_queries([n[0] for n in negatives])
+            nr_ids, nr_mask = p.encode_responses([n[1] for n in negatives], unlikelihood_tokens + 1)
+            nr_mask[:, unlikelihood_tokens:] = 0                                  # the opening only, no EOS
+            nlogp = p.forward(RolloutBatch(nq_ids, nq_mask, nr_ids, nr_mask, []))["logp"]
+            ul_loss = sequence_unlikelihood_loss(nlogp, nr_mask, unlikelihood_tokens)
+        loss = sft_loss + unlikelihood_coef * ul_loss
         if not torch.isfinite(loss):
             raise FloatingPointError(f"warm-up loss is {loss.item()}")
         self.sft_optimizer.zero_grad(set_to_none=True)
@@ -76,7 +91,7 @@ class PolicyTrainer:
         torch.nn.utils.clip_grad_norm_([q for q in p.model.parameters() if q.requires_grad], self.cfg.max_grad_norm)
         self.sft_optimizer.step()
         p.model.eval()
-        return float(loss.item())
+        return {"loss": float(loss.item()), "sft_loss": float(sft_loss.item()), "unlikelihood_loss": float(ul_loss.item())}
 
     # ----- PPO -------------------------------------------------------------------------------
     @torch.no_grad()

@@ -283,3 +283,20 @@ def test_adaptive_kl_controller():
 def test_unknown_names_list_valid_keys(getter, valid):
     with pytest.raises(ValueError, match=valid):
         getter("nope")
+
+
+def test_sequence_unlikelihood_loss_hand_values():
+    from rlhf_core.algorithms import sequence_unlikelihood_loss
+    logp = torch.log(torch.tensor([[0.5, 0.5, 0.1], [0.9, 0.9, 0.9]]))
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    # k = 2: P(opening) = 0.25 and 0.81 -> mean of -log(0.75), -log(0.19)
+    expected = -(math.log(0.75) + math.log(0.19)) / 2
+    assert sequence_unlikelihood_loss(logp, mask, 2).item() == pytest.approx(expected, rel=1e-5)
+    # the mask cuts the second row at 2 tokens even when k = 3
+    expected3 = -(math.log(1 - 0.025) + math.log(0.19)) / 2
+    assert sequence_unlikelihood_loss(logp, mask, 3).item() == pytest.approx(expected3, rel=1e-5)
+    # finite even when the opening is certain, and its gradient lowers the opening's log-prob
+    x = torch.zeros(1, 2, requires_grad=True)
+    loss = sequence_unlikelihood_loss(x, torch.ones(1, 2), 2)
+    loss.backward()
+    assert torch.isfinite(loss) and (x.grad > 0).all()

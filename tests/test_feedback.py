@@ -3,7 +3,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from rlhf_core.feedback import make_preferences, rejection_sampling_targets
+from rlhf_core.feedback import make_preferences, refusal_negatives, rejection_sampling_targets
 
 
 def _samples():
@@ -34,3 +34,11 @@ def test_preferences_noise_is_seeded_and_recorded():
     b = make_preferences(samples, scores, flip_prob=0.5, tie_margin=0.0, seed=3, annotator="j", iteration=1)
     assert a == b and len(a) == 6
     assert all(r["better"] == r["judge_better"] ^ int(r["flipped"]) for r in a)
+
+
+def test_negatives_are_refusals_of_prompts_the_judge_deems_safe():
+    samples, scores = _samples()
+    scores.refusal[4] = 0.8           # the policy over-refuses the safe prompt once
+    n = refusal_negatives(samples, scores)
+    # p1 is harmful (its refusal is the target, not a negative); p2's two refusals are negatives
+    assert [(x["prompt_id"], x["origin"]) for x in n] == [("p2", "policy"), ("p2", "demonstration")]

@@ -32,6 +32,9 @@ def test_pipeline_two_iterations(ray_local, tiny_config, tmp_path):
         it = manifest["iterations"][str(k)]
         assert it["eval"]["sha256"] and it["preferences"]["annotator"].startswith("constitution-judge")
         assert "heldout_accuracy" in it["reward_model"]
+        # every safe-judged prompt has at least the constitution's refusal as a negative
+        negatives = pq.read_table(d / "warmup_negatives.parquet").to_pylist()
+        assert negatives and it["warmup"]["warmup_negatives"] == len(negatives)
     a1 = load_file(str(run / "iter_1" / "policy_adapter" / "adapter_model.safetensors"))
     a2 = load_file(str(run / "iter_2" / "policy_adapter" / "adapter_model.safetensors"))
     assert any(not torch.equal(a1[k], a2[k]) for k in a1), "iteration 2 did not change the adapter"

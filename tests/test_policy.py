@@ -1,4 +1,6 @@
 """The policy (LoRA + value head) and PPO/SFT updates on the tiny model, without Ray."""
+import math
+
 import pytest
 import torch
 
@@ -61,7 +63,8 @@ def test_sft_and_ppo_change_only_the_adapter(tiny_model_path):
     base_before = {k: v.clone() for k, v in p.model.named_parameters() if "lora" not in k}
     t = PolicyTrainer(p, PPOConfig(rollout_batch_size=4, minibatch_size=2, ppo_epochs=2, lr=1e-3), seed=0)
     t.begin_sft(lr=1e-2)
-    losses = [t.sft_step(PROMPTS[:2], ["I can't help with that.", "Sure."], max_tokens=8) for _ in range(8)]
+    losses = [t.sft_step(PROMPTS[:2], ["I can't help with that.", "Sure."], max_tokens=8)["sft_loss"]
+              for _ in range(8)]
     assert losses[-1] < losses[0]
     before = {k: v.clone() for k, v in p.adapter_state().items()}
     batch = p.generate(PROMPTS + PROMPTS[:1], greedy=False, seed=1)
@@ -96,3 +99,30 @@ def test_checkpoint_round_trip(tmp_path, tiny_model_path):
         assert torch.allclose(p.forward(batch, use_adapter=False)["logp"],
                               q.forward(batch, use_adapter=False)["logp"], atol=1e-5)
     assert not any(n.endswith(".tmp") for n in (x.name for x in tmp_path.iterdir()))
+
+
+def _opening_logp(p, prompt: str, text: str, k: int) -> float:
+    from rlhf_core.policy import RolloutBatch
+    q, qm = p.encode_queries([prompt])
+    r, rm = p.encode_responses([text], k + 1)
+    rm[:, k:] = 0
+    with torch.no_grad():
+        return float((p.forward(RolloutBatch(q, qm, r, rm, []))["logp"] * rm).sum())
+
+
+def test_sft_step_scores_the_negatives_opening(tiny_model_path):
+    """The unlikelihood term is −log(1 − π(first k tokens of the negative | its own prompt)), measured
+    before the step, and it joins the loss with its coefficient. (Its effect on a real model is
+    measured in the README; the tiny random model never makes a refusal likely enough to matter.)"""
+    torch.manual_seed(0)
+    p = Policy(tiny_model_path, PolicyConfig(max_new_tokens=8, lora_r=4, lora_alpha=8), seed=0)
+    t = PolicyTrainer(p, PPOConfig(), seed=0)
+    t.begin_sft(lr=1e-2)
+    refusal = "I can't help with that."
+    lp = _opening_logp(p, PROMPTS[0], refusal, 3)
+    m = t.sft_step([PROMPTS[1], PROMPTS[0]], [refusal, "Mix flour, water, yeast and salt."], max_tokens=8,
+                   negatives=[(PROMPTS[0], refusal)], unlikelihood_coef=5.0, unlikelihood_tokens=3)
+    assert m["unlikelihood_loss"] == pytest.approx(-math.log(-math.expm1(lp)), rel=1e-3)
+    assert m["loss"] == pytest.approx(m["sft_loss"] + 5.0 * m["unlikelihood_loss"], rel=1e-5)
+    plain = t.sft_step([PROMPTS[0]], ["Mix flour."], max_tokens=8)
+    assert plain["unlikelihood_loss"] == 0.0

@@ -194,10 +194,13 @@ class PolicyTrainerActor:
     def end_sft(self) -> None:
         self.trainer.end_sft()
 
-    def sft_step(self, prompts: list[str], responses: list[str]) -> float:
+    def sft_step(self, prompts: list[str], responses: list[str], negatives: list[tuple[str, str]] | None = None,
+                 unlikelihood_coef: float = 0.0, unlikelihood_tokens: int = 3) -> dict:
         if len(prompts) != len(responses) or not prompts:
             raise ValueError("sft_step: prompts and responses must be equal-length, non-empty lists")
-        return self.trainer.sft_step(prompts, responses, max_tokens=self.policy.cfg.max_new_tokens)
+        return self.trainer.sft_step(prompts, responses, max_tokens=self.policy.cfg.max_new_tokens,
+                                     negatives=negatives, unlikelihood_coef=unlikelihood_coef,
+                                     unlikelihood_tokens=unlikelihood_tokens)
 
     def ppo_step(self, batch: dict, scores: list[float]) -> dict:
         from rlhf_core.policy import RolloutBatch

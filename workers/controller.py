@@ -167,15 +167,32 @@ class RLHFWorkers:
     def match_demonstrations(self, prompts: list[str]) -> list[str]:
         return _get(self.feedback[0].match_demonstrations.remote(prompts), self.timeout, "matching demonstrations")
 
-    def judge(self, prompts: list[str], responses: list[str], progress: Progress | None = None):
-        n = len(self.feedback)
-        shard = max(1, -(-len(prompts) // n))
-        refs = [self.feedback[k].score.remote(prompts[s: s + shard], responses[s: s + shard])
+    def _judge_refs(self, prompts: list[str], responses: list[str]) -> list:
+        shard = max(1, -(-len(prompts) // len(self.feedback)))
+        return [self.feedback[k].score.remote(prompts[s: s + shard], responses[s: s + shard])
                 for k, s in enumerate(range(0, len(prompts), shard))]
-        parts = _get(refs, self.timeout, "feedback (judge) scoring")
+
+    def judge(self, prompts: list[str], responses: list[str], progress: Progress | None = None):
+        parts = _get(self._judge_refs(prompts, responses), self.timeout, "feedback (judge) scoring")
         if progress:
             progress(len(prompts))
         return merge_scores(parts)
+
+    def score_answers(self, prompts: list[str], rollout: dict, *, with_reward_model: bool,
+                      with_kl: bool) -> tuple:
+        """Judge scores, reward-model scores and KL to the reference of the same answers.
+
+        The three live on different actors, so they are submitted together and run concurrently.
+        Returns (JudgeScores, raw reward-model scores or None, per-answer KL or None).
+        """
+        responses = rollout["texts"]
+        judge_refs = self._judge_refs(prompts, responses)
+        rm_ref = self.reward_model.score.remote(prompts, responses) if with_reward_model else None
+        kl_ref = self.policy_trainer.sequence_kl.remote(rollout) if with_kl else None
+        scores = merge_scores(_get(judge_refs, self.timeout, "feedback (judge) scoring"))
+        rm = _get(rm_ref, self.timeout, "reward model scoring")["raw"] if rm_ref is not None else None
+        kls = _get(kl_ref, self.timeout, "KL to reference") if kl_ref is not None else None
+        return scores, rm, kls
 
     # ----- reward model ----------------------------------------------------------------------
     def train_reward_model(self, pairs: list[dict], dest: str, init_from: str | None = None) -> dict:
@@ -186,28 +203,41 @@ class RLHFWorkers:
 
     # ----- policy ----------------------------------------------------------------------------
     def warmup(self, prompts: list[str], responses: list[str], *, epochs: int, version: str = "warmup",
-               progress: Progress | None = None) -> dict:
+               negatives: dict[str, list[str]] | None = None, progress: Progress | None = None) -> dict:
         """Supervised stage on judge-picked targets, merged into the base (the new PPO reference),
-        then synced to the rollout pool."""
+        then synced to the rollout pool.
+
+        `negatives` maps a prompt to answers to make unlikely (refusals of a safe prompt); they join
+        the batches their prompt is in.
+        """
         w = self.cfg.warmup
+        negatives = negatives or {}
         self.sft_rounds += 1
         rng = np.random.default_rng(self.cfg.run.seed * 1000 + self.sft_rounds)
         _get(self.policy_trainer.begin_sft.remote(w.lr), self.timeout, "warm-up setup")
-        losses = []
+        history = []
         for _ in range(epochs):
             order = rng.permutation(len(prompts))
             for s in range(0, len(order), w.batch_size):
                 idx = order[s: s + w.batch_size]
-                losses.append(_get(self.policy_trainer.sft_step.remote([prompts[i] for i in idx],
-                                                                       [responses[i] for i in idx]),
-                                   self.timeout, "warm-up step"))
+                batch_prompts = [prompts[i] for i in idx]
+                negs = [(p, n) for p in dict.fromkeys(batch_prompts) for n in negatives.get(p, [])]
+                history.append(_get(self.policy_trainer.sft_step.remote(
+                    batch_prompts, [responses[i] for i in idx], negs, w.unlikelihood_coef, w.unlikelihood_tokens),
+                    self.timeout, "warm-up step"))
                 if progress:
                     progress(1)
         _get(self.policy_trainer.end_sft.remote(), self.timeout, "merging the warm-up adapter")
         self.sync_adapter(version)
-        per_epoch = max(1, len(losses) // epochs)
-        return {"warmup_loss_first_epoch": float(np.mean(losses[:per_epoch])),
-                "warmup_loss_last_epoch": float(np.mean(losses[-per_epoch:])), "warmup_steps": len(losses)}
+        per_epoch = max(1, len(history) // epochs)
+
+        def mean(key, part):
+            return float(np.mean([h[key] for h in part]))
+        return {"warmup_loss_first_epoch": mean("sft_loss", history[:per_epoch]),
+                "warmup_loss_last_epoch": mean("sft_loss", history[-per_epoch:]),
+                "warmup_unlikelihood_first_epoch": mean("unlikelihood_loss", history[:per_epoch]),
+                "warmup_unlikelihood_last_epoch": mean("unlikelihood_loss", history[-per_epoch:]),
+                "warmup_negatives": sum(len(v) for v in negatives.values()), "warmup_steps": len(history)}
 
     def ppo(self, prompt_rows: list[dict], iteration: int, progress: Progress | None = None) -> tuple[list, list]:
         """The RL inner loop: per step generate → reward → PPO update → adapter sync.
