@@ -5,8 +5,9 @@
     for k in 1..K:
         samples     ← generate_samples(policy_k-1)           # rollout pool
         preferences ← collect_feedback(samples)              # constitution judge + label noise
-        policy      ← warm_up_policy(judge's best answers)   # supervised (rejection sampling), merged
-                                                             #   into the base: PPO's reference
+        policy      ← warm_up_policy(judge's best answers)   # supervised (rejection sampling) + unlikelihood
+                                                             #   of safe-prompt refusals, merged into
+                                                             #   the base: PPO's reference
         reward_model← train_reward_model(preferences)        # Bradley–Terry
         policy_k    ← update_policy(reward_model)            # PPO inner loop under one controller
         evaluate(policy_k)                                   # unsafe compliance, over-refusal, KL
@@ -25,6 +26,8 @@ from prefect.cache_policies import NO_CACHE
 from flows import report
 from flows.run_state import RUNS, RunState, new_run_id
 from rlhf_core import schemas
+from rlhf_core.agreement import aggregate_preferences, agreement_report
+from rlhf_core.annotators import default_panel, panel_preferences
 from rlhf_core.config import AlignflowConfig
 from rlhf_core.evaluation import eval_rows, summarize
 from rlhf_core.feedback import (annotator_id, make_preferences, preference_stats, refusal_negatives,
@@ -192,10 +195,8 @@ def collect_feedback(run_id: str, k: int, samples_path: str) -> str:
     prompts, responses = [s["prompt"] for s in samples], [s["response"] for s in samples]
     with st.progress.task(f"iter {k}: feedback (judge)", len(samples)) as adv:
         scores = st.workers.judge(prompts, responses, progress=adv)
-    annotator = annotator_id(st.manifest["judge"]["constitution_version"], cfg.flip_prob, st.cfg.run.seed)
-    pairs = make_preferences(samples, scores, flip_prob=cfg.flip_prob, tie_margin=cfg.tie_margin,
-                             seed=st.cfg.run.seed * 17 + k, annotator=annotator, iteration=k)
     d = st.iter_dir(k)
+    pairs, annotator, label_stats = _simulated_labels(st, k, samples, scores)
     path = schemas.write_table(schemas.from_rows(pairs, schemas.PREFERENCES), d / "preferences.parquet",
                                schemas.PREFERENCES)
     w = st.cfg.warmup
@@ -211,8 +212,32 @@ def collect_feedback(run_id: str, k: int, samples_path: str) -> str:
     stats["warmup_negatives_count"] = len(negatives)
     stats["warmup_negatives_from_policy"] = sum(n["origin"] == "policy" for n in negatives)
     st.record(k, "preferences", {"path": str(path), "sha256": schemas.file_sha256(path), "annotator": annotator,
-                                 "warmup_targets": str(tpath), **stats})
+                                 "warmup_targets": str(tpath), **label_stats, **stats})
     return str(path)
+
+
+def _simulated_labels(st: RunState, k: int, samples: list[dict], scores) -> tuple[list[dict], str, dict]:
+    """Preference pairs from the judge's scores: one noisy judge, or a biased panel + aggregation.
+
+    With a panel, every annotator's raw label is kept in labels.parquet (lineage: whose judgement
+    the reward model learned), and preferences.parquet holds one aggregated soft label per pair.
+    Returns (pairs, annotator, stats for the manifest).
+    """
+    cfg, seed = st.cfg.feedback, st.cfg.run.seed * 17 + k
+    if cfg.annotators == "judge":
+        annotator = annotator_id(st.manifest["judge"]["constitution_version"], cfg.flip_prob, st.cfg.run.seed)
+        return make_preferences(samples, scores, flip_prob=cfg.flip_prob, tie_margin=cfg.tie_margin, seed=seed,
+                                annotator=annotator, iteration=k), annotator, {}
+    panel = default_panel(cfg.panel_size, seed=st.cfg.run.seed)
+    raw = panel_preferences(samples, scores, panel, labels_per_pair=cfg.labels_per_pair, seed=seed, iteration=k)
+    lpath = schemas.write_table(schemas.from_rows(raw, schemas.PREFERENCES), st.iter_dir(k) / "labels.parquet",
+                                schemas.PREFERENCES)
+    report = agreement_report(raw)
+    pairs = aggregate_preferences(raw, method=cfg.aggregation)
+    agree = np.mean([p["better"] == p["judge_better"] for p in pairs if p["judge_better"] in (0, 1)] or [np.nan])
+    stats = {"labels_path": str(lpath), "labels": len(raw), "panel": [p.id for p in panel], "agreement": report,
+             "aggregated_agrees_with_judge": float(agree)}
+    return pairs, f"{cfg.aggregation}/panel{cfg.panel_size}/seed{st.cfg.run.seed}", stats
 
 
 @task(**STAGE)

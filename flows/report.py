@@ -41,6 +41,24 @@ def _samples(eval_path: str, n: int = 3) -> str:
     return "\n".join(out)
 
 
+def _pct(x) -> str:
+    return "–" if x is None else f"{100 * x:.0f}%"
+
+
+def agreement_markdown(rep: dict, agrees_with_judge: float | None = None) -> str:
+    """The annotator panel: agreement of the batch and each annotator's reliability and biases."""
+    out = ["## Annotators",
+           f"{rep['n_pairs_multi']} pairs with ≥ 2 labels from {rep['n_annotators']} annotators: Fleiss' κ "
+           f"{_fmt(rep.get('fleiss_kappa'))}, Krippendorff's α {_fmt(rep.get('krippendorff_alpha'))}, mean pairwise "
+           f"Cohen's κ {_fmt(rep.get('mean_pairwise_cohens_kappa'))}. Aggregated labels agree with the noise-free "
+           f"judge on {_pct(agrees_with_judge)} of pairs.", "",
+           "| annotator | labels | agrees with others | picks left | picks longer | ties |", "|---|---|---|---|---|---|"]
+    for name, a in rep["annotators"].items():
+        out.append(f"| `{name}` | {a['n_labels']} | {_pct(a.get('agreement_with_others'))} | "
+                   f"{_pct(a.get('position_bias'))} | {_pct(a.get('length_bias'))} | {_pct(a.get('tie_rate'))} |")
+    return "\n".join(out)
+
+
 def iteration_markdown(st, k: int) -> str:
     it = st.manifest["iterations"][str(k)]
     base = st.manifest["iterations"]["0"]["eval"]["metrics"]
@@ -51,18 +69,22 @@ def iteration_markdown(st, k: int) -> str:
     last = ppo[-1] if ppo else {}
     parts = [f"# {st.run_id} — iteration {k}", "", metrics_table({0: base, k: m}), "",
              "## Stages",
-             f"- preferences: {prefs.get('pairs', 0)} pairs, {100 * prefs.get('flipped', 0):.0f}% flipped by label "
+             f"- preferences: {prefs.get('pairs', 0)} pairs, {_pct(prefs.get('flipped'))} flipped by label "
              f"noise, annotator `{prefs.get('annotator', '')}`",
              f"- reward model: held-out pair accuracy {_fmt(rm.get('heldout_accuracy'))} "
              f"(vs noise-free judge {_fmt(rm.get('heldout_accuracy_vs_judge'))})"]
     if "warmup" in it:
         w = it["warmup"]
         parts.append(f"- warm-up: {w['warmup_steps']} steps, loss {w['warmup_loss_first_epoch']:.3f} → "
-                     f"{w['warmup_loss_last_epoch']:.3f}")
+                     f"{w['warmup_loss_last_epoch']:.3f}, {w.get('warmup_negatives', 0)} safe-prompt refusals made "
+                     f"unlikely (term {_fmt(w.get('warmup_unlikelihood_first_epoch'))} → "
+                     f"{_fmt(w.get('warmup_unlikelihood_last_epoch'))})")
     if last:
         parts.append(f"- PPO: {len(ppo)} steps, last: KL {last['kl_to_reference']:.2f}, β {last['kl_coef']:.3f}, "
                      f"clipfrac {last.get('clipfrac', 0):.3f}, entropy {last.get('entropy', 0):.2f}, "
                      f"RM score {last['reward_model_score']:.2f}")
+    if "agreement" in prefs:
+        parts += ["", agreement_markdown(prefs["agreement"], prefs.get("aggregated_agrees_with_judge"))]
     parts += ["", "## Sample answers (held-out, greedy)", _samples(it["eval"]["path"])]
     return "\n".join(parts)
 

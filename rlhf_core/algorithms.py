@@ -51,6 +51,7 @@ __all__ = [
     "AdaptiveKLController",
     "FixedKLController",
     "bradley_terry_loss",
+    "sequence_unlikelihood_loss",
 ]
 
 
@@ -404,6 +405,7 @@ def bradley_terry_loss(
     r_rejected: torch.Tensor,
     margin: torch.Tensor | float | None = None,
     weights: torch.Tensor | None = None,
+    targets: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Pairwise reward-model loss under the Bradley–Terry model, P(c ≻ r) = σ(r_c − r_r):
 
@@ -411,13 +413,19 @@ def bradley_terry_loss(
         loss = Σ w_i ℓ_i / Σ w_i          (plain mean when weights is None)
 
     The optional margin m (Llama 2, Touvron et al. 2023, eq. 2) demands a larger gap for pairs
-    annotators rated as clearly different. Shapes: r_chosen, r_rejected, margin, weights (B,)
-    -> scalar. logsigmoid is used instead of log(sigmoid(·)) for numerical stability.
+    annotators rated as clearly different. With soft `targets` t_i = P(c ≻ r) (aggregated labels,
+    0.5 for a tie) the loss is the cross-entropy −t log σ(Δ) − (1 − t) log σ(−Δ) instead; t = 1
+    gives the hard loss back. Shapes: r_chosen, r_rejected, margin, weights, targets (B,) ->
+    scalar. logsigmoid is used instead of log(sigmoid(·)) for numerical stability.
     """
     logits = r_chosen - r_rejected
     if margin is not None:
         logits = logits - torch.as_tensor(margin, dtype=logits.dtype, device=logits.device)
-    losses = -F.logsigmoid(logits)
+    if targets is None:
+        losses = -F.logsigmoid(logits)
+    else:
+        t = torch.as_tensor(targets, dtype=logits.dtype, device=logits.device)
+        losses = -(t * F.logsigmoid(logits) + (1 - t) * F.logsigmoid(-logits))
     if weights is None:
         return losses.mean()
     weights = torch.as_tensor(weights, dtype=losses.dtype, device=losses.device)

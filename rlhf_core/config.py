@@ -64,6 +64,21 @@ class FeedbackConfig(_Section):
     tie_margin: float = Field(0.05, ge=0, description="Judge totals closer than this make no preference pair.")
     include_demonstration: bool = Field(True, description=(
         "Add the constitution's demonstration (a refusal for prompts the judge thinks harmful) as a candidate."))
+    annotators: Literal["judge", "panel"] = Field("judge", description=(
+        "'judge': one simulated annotator, the constitution judge with `flip_prob` label noise. 'panel': a "
+        "seeded crowd of `panel_size` simulated annotators with their own flip rate, position and length "
+        "bias and safety strictness; each pair gets `labels_per_pair` labels, aggregated by `aggregation`."))
+    panel_size: int = Field(5, ge=1, description="Simulated annotators in the panel.")
+    labels_per_pair: int = Field(3, ge=1, description="Panel labels per pair (distinct annotators).")
+    aggregation: Literal["majority", "dawid-skene"] = Field("dawid-skene", description=(
+        "How panel labels become one soft label per pair: majority vote, or Dawid–Skene EM, which "
+        "weighs each annotator by their estimated reliability."))
+
+    @model_validator(mode="after")
+    def _panel_fits(self):
+        if self.annotators == "panel" and self.labels_per_pair > self.panel_size:
+            raise ValueError(f"labels_per_pair ({self.labels_per_pair}) exceeds panel_size ({self.panel_size})")
+        return self
 
 
 class RewardModelConfig(_Section):

@@ -49,7 +49,7 @@ def make_preferences(samples: list[dict], scores, *, flip_prob: float, tie_margi
                 "response_a": samples[a]["response"], "response_b": samples[b]["response"],
                 "better": judge_better ^ int(flipped), "judge_better": judge_better, "flipped": flipped,
                 "score_a": ta, "score_b": tb, "is_safe_a": bool(safe[a]), "is_safe_b": bool(safe[b]),
-                "annotator": annotator, "weight": 1.0,
+                "annotator": annotator, "source": "simulated", "weight": 1.0,
             })
     return rows
 
@@ -93,7 +93,13 @@ def refusal_negatives(samples: list[dict], scores, harm_threshold: float = 0.5,
 def preference_stats(rows: list[dict]) -> dict:
     if not rows:
         return {"pairs": 0}
-    n = len(rows)
-    return {"pairs": n, "flipped": sum(r["flipped"] for r in rows) / n,
-            "both_safe": sum(r["is_safe_a"] and r["is_safe_b"] for r in rows) / n,
-            "mean_score_gap": float(np.mean([abs(r["score_a"] - r["score_b"]) for r in rows]))}
+    def share(values: list) -> float | None:
+        known = [v for v in values if v is not None]     # aggregated or human rows leave some null
+        return float(np.mean(known)) if known else None
+
+    gaps = [abs(r["score_a"] - r["score_b"]) for r in rows if r.get("score_a") is not None]
+    return {"pairs": len(rows), "flipped": share([r.get("flipped") for r in rows]),
+            "ties": share([r["better"] == -1 for r in rows]),
+            "both_safe": share([None if r.get("is_safe_a") is None or r.get("is_safe_b") is None
+                                else r["is_safe_a"] and r["is_safe_b"] for r in rows]),
+            "mean_score_gap": float(np.mean(gaps)) if gaps else None}

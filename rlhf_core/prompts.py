@@ -106,7 +106,9 @@ def read_prompt_file(path: str | Path, kind: str) -> list[dict]:
         except UnicodeDecodeError as e:
             raise PromptFileError(f"{path}: not valid UTF-8 (byte {e.start}): {e.reason}") from e
         if suffix == ".jsonl":
-            for n, line in enumerate(text.splitlines(), start=1):
+            # "\n" only: str.splitlines also breaks at U+2028 etc. inside a JSON string, which would
+            # cut a record in two and shift every later line number in the error messages
+            for n, line in enumerate(text.split("\n"), start=1):
                 if not line.strip():
                     continue
                 try:

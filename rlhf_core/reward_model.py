@@ -125,6 +125,26 @@ def score(
     return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.float32)
 
 
+def preference_arrays(rows: Sequence[dict]) -> tuple[list[str], list[str], list[str], list[float]]:
+    """(prompts, chosen, rejected, P(chosen ≻ rejected)) from schemas.PREFERENCES rows.
+
+    Chosen is response_a unless `better` is 1. The probability is 1 for a hard label, 0.5 for a
+    tie (better = -1), and the aggregated `soft_label` (P(a ≻ b)) when a row has one.
+    """
+    prompts, chosen, rejected, targets = [], [], [], []
+    for r in rows:
+        b_wins = r["better"] == 1
+        prompts.append(r["prompt"])
+        chosen.append(r["response_b"] if b_wins else r["response_a"])
+        rejected.append(r["response_a"] if b_wins else r["response_b"])
+        if r.get("soft_label") is not None:
+            p_a = float(r["soft_label"])
+            targets.append(1.0 - p_a if b_wins else p_a)
+        else:
+            targets.append(0.5 if r["better"] == -1 else 1.0)
+    return prompts, chosen, rejected, targets
+
+
 def train_reward_model(
     model,
     tokenizer,
@@ -134,6 +154,7 @@ def train_reward_model(
     *,
     weights: Sequence[float] | None = None,
     margins: Sequence[float] | None = None,
+    targets: Sequence[float] | None = None,
     epochs: int = 1,
     lr: float = 5e-5,
     batch_size: int = 16,
@@ -145,7 +166,8 @@ def train_reward_model(
 
     AdamW, gradient-norm clipping at 1.0, pairs reshuffled each epoch by a generator seeded with
     `seed` (global RNG untouched). Chosen and rejected of a batch go through one forward pass of 2B
-    sequences. `on_step(step, total_steps, loss)` is called after every optimizer step.
+    sequences. `targets` (optional, per pair): P(chosen ≻ rejected) for soft labels (aggregated
+    annotators, 0.5 for ties). `on_step(step, total_steps, loss)` is called after every optimizer step.
 
     Returns {"loss": mean loss of the last epoch, "train_accuracy": fraction of last-epoch pairs
     with r_chosen > r_rejected (measured before each step), "steps": optimizer steps taken}.
@@ -158,6 +180,7 @@ def train_reward_model(
         raise ValueError("no preference pairs to train on")
     w_all = None if weights is None else torch.as_tensor(list(weights), dtype=torch.float32)
     m_all = None if margins is None else torch.as_tensor(list(margins), dtype=torch.float32)
+    t_all = None if targets is None else torch.as_tensor(list(targets), dtype=torch.float32)
     device = next(model.parameters()).device
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
@@ -179,7 +202,8 @@ def train_reward_model(
             r_chosen, r_rejected = rewards[:b], rewards[b:]
             margin = None if m_all is None else m_all[idx].to(device)
             w = None if w_all is None else w_all[idx].to(device)
-            loss = bradley_terry_loss(r_chosen, r_rejected, margin=margin, weights=w)
+            t = None if t_all is None else t_all[idx].to(device)
+            loss = bradley_terry_loss(r_chosen, r_rejected, margin=margin, weights=w, targets=t)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -40,20 +40,30 @@ SAMPLES = pa.schema([
     _f("num_tokens", pa.int32(), "Generated tokens."),
 ])
 
+PREFERENCE_SOURCES = ("simulated", "human", "llm-judge", "imported")
+
 PREFERENCES = pa.schema([
-    _f("pair_id", pa.string(), "<prompt_id>-<iteration>-<a>-<b>."),
+    _f("pair_id", pa.string(), "<prompt_id>-<iteration>-<a>-<b> (or the importer's / labeling page's id)."),
     _f("prompt_id", pa.string(), "Prompt both answers respond to."),
     _f("prompt", pa.string(), "The user request."),
     _f("response_a", pa.string(), "First answer."),
     _f("response_b", pa.string(), "Second answer."),
-    _f("better", pa.int8(), "0 if response_a is preferred, 1 if response_b (after label noise)."),
-    _f("judge_better", pa.int8(), "The judge's preference before label noise."),
-    _f("flipped", pa.bool_(), "True when label noise flipped the judge's choice."),
-    _f("score_a", pa.float32(), "Judge total for response_a."),
-    _f("score_b", pa.float32(), "Judge total for response_b."),
-    _f("is_safe_a", pa.bool_(), "Per-answer safety label of response_a (PKU-SafeRLHF style)."),
-    _f("is_safe_b", pa.bool_(), "Per-answer safety label of response_b."),
-    _f("annotator", pa.string(), "Who labelled it, e.g. constitution-judge-v1/flip0.25/seed0."),
+    _f("better", pa.int8(), "0 if response_a is preferred, 1 if response_b, -1 for a tie (after label noise)."),
+    _f("judge_better", pa.int8(), "The simulated judge's preference before label noise (null for people).", True),
+    _f("flipped", pa.bool_(), "True when label noise flipped the judge's choice (null for people).", True),
+    _f("score_a", pa.float32(), "Judge total for response_a (null when no judge scored it).", True),
+    _f("score_b", pa.float32(), "Judge total for response_b.", True),
+    _f("is_safe_a", pa.bool_(), "Per-answer safety label of response_a (PKU-SafeRLHF style); null = unknown.", True),
+    _f("is_safe_b", pa.bool_(), "Per-answer safety label of response_b; null = unknown.", True),
+    _f("safer", pa.int8(), "0 if response_a is the safer answer, 1 if response_b (PKU-SafeRLHF's "
+       "safer_response_id); null = not judged.", True),
+    _f("harm_category_a", pa.string(), "Harm category an annotator gave an unsafe response_a.", True),
+    _f("harm_category_b", pa.string(), "Harm category of an unsafe response_b.", True),
+    _f("annotator", pa.string(), "Who labelled it, e.g. constitution-judge-v1/flip0.25/seed0 or a person's name."),
+    _f("source", pa.string(), "simulated | human | llm-judge | imported: the provenance of the label."),
+    _f("display_order", pa.string(), "'ab' if response_a was shown on the left, 'ba' if on the right (people).", True),
+    _f("labeled_at", pa.timestamp("us", tz="UTC"), "When the label was given (null for simulated labels).", True),
+    _f("soft_label", pa.float32(), "P(response_a is better) after aggregation; null = use `better`.", True),
     _f("weight", pa.float32(), "Training weight of the pair."),
 ])
 
@@ -91,7 +101,11 @@ class SchemaError(ValueError):
 
 
 def validate(table: pa.Table, schema: pa.Schema, where: str) -> pa.Table:
-    """Check columns and types (extra columns are dropped, order is normalised)."""
+    """Check columns and types (extra columns are dropped, order is normalised; a missing nullable
+    column is added as all-null, so optional fields need not be written by every producer)."""
+    for f in schema:
+        if f.nullable and f.name not in table.column_names:
+            table = table.append_column(f.name, pa.nulls(table.num_rows, f.type))
     missing = [f.name for f in schema if f.name not in table.column_names]
     if missing:
         raise SchemaError(f"{where}: missing column(s) {missing}; expected {schema.names}")

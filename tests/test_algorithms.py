@@ -300,3 +300,16 @@ def test_sequence_unlikelihood_loss_hand_values():
     loss = sequence_unlikelihood_loss(x, torch.ones(1, 2), 2)
     loss.backward()
     assert torch.isfinite(loss) and (x.grad > 0).all()
+
+
+def test_bradley_terry_soft_targets():
+    rc, rr = torch.tensor([2.0, 0.0]), torch.tensor([0.0, 0.0])
+    # t = 1 is the hard loss; t = 0.5 on a gap of 2 is the cross-entropy of a coin flip
+    assert bradley_terry_loss(rc, rr, targets=torch.ones(2)).item() == pytest.approx(bradley_terry_loss(rc, rr).item())
+    s = 1 / (1 + math.exp(-2.0))
+    expected = (-(0.5 * math.log(s) + 0.5 * math.log(1 - s)) + math.log(2)) / 2
+    assert bradley_terry_loss(rc, rr, targets=torch.tensor([0.5, 0.5])).item() == pytest.approx(expected, rel=1e-5)
+    # the soft loss is minimised where σ(Δ) equals the target
+    d = torch.tensor([math.log(0.8 / 0.2)], requires_grad=True)
+    bradley_terry_loss(d, torch.zeros(1), targets=torch.tensor([0.8])).backward()
+    assert abs(d.grad.item()) < 1e-6

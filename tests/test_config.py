@@ -45,3 +45,8 @@ def test_every_field_has_help_or_is_obvious():
     keys = {k for k, _, _ in rows}
     assert {"ppo.clip_eps", "policy.model", "resources.rollout_workers"} <= keys
     assert sum(bool(h) for _, _, h in rows) / len(rows) > 0.6
+
+
+def test_panel_needs_enough_annotators():
+    with pytest.raises(ConfigError, match="labels_per_pair"):
+        load_config(None, ["feedback.annotators=panel", "feedback.panel_size=2", "feedback.labels_per_pair=3"])

@@ -95,3 +95,35 @@ def test_help_explains_options():
     r = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--help"], cwd=ROOT, capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 0 and "--config" in r.stdout and "--set" in r.stdout
+
+
+def test_panel_labels_are_kept_raw_and_aggregated(tmp_path, tiny_config):
+    """feedback.annotators=panel: every annotator's label in labels.parquet, one soft label per pair in
+    the preferences, agreement and each annotator's biases in the manifest."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from flows.pipeline import _simulated_labels
+    from rlhf_core import schemas
+    cfg = tiny_config("feedback.annotators=panel", "feedback.panel_size=4", "feedback.labels_per_pair=3")
+    st = SimpleNamespace(cfg=cfg, manifest={"judge": {"constitution_version": 1}},
+                         iter_dir=lambda k: tmp_path / f"iter_{k}")
+    rng = np.random.default_rng(0)
+    samples = [{"prompt_id": f"p{i // 3}", "prompt": f"q{i // 3}", "response": "x" * int(rng.integers(3, 40))}
+               for i in range(60)]
+    n = len(samples)
+    scores = SimpleNamespace(total=rng.uniform(-1, 1, n), harm_prob=rng.uniform(0, 1, n),
+                             refusal=rng.integers(0, 2, n).astype(float), toxicity=np.zeros(n))
+    pairs, annotator, stats = _simulated_labels(st, 1, samples, scores)
+    raw = schemas.read_table(tmp_path / "iter_1" / "labels.parquet", schemas.PREFERENCES).to_pylist()
+    assert len(pairs) == 20 * 3 and len(raw) == 3 * len(pairs)          # 3 pairs per prompt, 3 labels each
+    assert {r["display_order"] for r in raw} == {"ab", "ba"} and all(r["source"] == "simulated" for r in raw)
+    assert all(p["soft_label"] is not None and 0 <= p["soft_label"] <= 1 for p in pairs)
+    schemas.from_rows(pairs, schemas.PREFERENCES)
+    assert annotator.startswith("dawid-skene/panel4")
+    assert stats["agreement"]["n_annotators"] == 4 and len(stats["panel"]) == 4
+    assert 0.5 < stats["aggregated_agrees_with_judge"] <= 1.0
+    from flows.report import agreement_markdown
+    md = agreement_markdown(stats["agreement"], stats["aggregated_agrees_with_judge"])
+    assert "Fleiss' κ" in md and all(f"`{name}`" in md for name in stats["panel"])

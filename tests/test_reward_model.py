@@ -144,3 +144,14 @@ def test_encode_pairs_without_pair_template():
     assert tok.truncation_side == "right"  # restored
     s = score(model, tok, ["a b", "a"], ["keep me", "me"])
     assert s.shape == (2,) and np.isfinite(s).all()
+
+
+def test_preference_arrays_orders_pairs_and_reads_soft_labels():
+    from rlhf_core.reward_model import preference_arrays
+    rows = [dict(prompt="p", response_a="A", response_b="B", better=0),
+            dict(prompt="p", response_a="A", response_b="B", better=1),
+            dict(prompt="p", response_a="A", response_b="B", better=-1),
+            dict(prompt="p", response_a="A", response_b="B", better=1, soft_label=0.3)]
+    _, chosen, rejected, targets = preference_arrays(rows)
+    assert chosen == ["A", "B", "A", "B"] and rejected == ["B", "A", "B", "A"]
+    assert targets == pytest.approx([1.0, 1.0, 0.5, 0.7])

@@ -13,7 +13,9 @@ EXAMPLES = {
                 "origin": "policy", "policy_version": "base", "num_tokens": 2},
     "preferences": {"pair_id": "p", "prompt_id": "x-1", "prompt": "hi", "response_a": "a", "response_b": "b",
                     "better": 1, "judge_better": 0, "flipped": True, "score_a": 0.5, "score_b": 0.1,
-                    "is_safe_a": True, "is_safe_b": False, "annotator": "judge", "weight": 1.0},
+                    "is_safe_a": True, "is_safe_b": False, "safer": 0, "harm_category_a": None, "harm_category_b": "violence",
+                    "annotator": "judge", "source": "simulated", "display_order": "ba",
+                    "labeled_at": None, "soft_label": 0.8, "weight": 1.0},
     "experience": {"step": 0, "prompt_id": "x-1", "kind": "harmful", "response": "no", "reward_model_score": 1.5,
                    "reward": 0.3, "kl": 0.01, "num_tokens": 3},
     "eval_results": {"prompt_id": "x-1", "prompt": "hi", "kind": "harmful", "response": "no", "refused": True,
@@ -52,3 +54,10 @@ def test_failed_write_leaves_nothing(tmp_path):
     with pytest.raises(schemas.SchemaError):
         schemas.write_table(bad, tmp_path / "p.parquet", schemas.PROMPTS)
     assert os.listdir(tmp_path) == []
+
+
+def test_missing_optional_columns_become_null():
+    row = {k: v for k, v in EXAMPLES["preferences"].items()
+           if k not in ("judge_better", "flipped", "score_a", "score_b", "display_order", "soft_label")}
+    back = schemas.from_rows([row], schemas.PREFERENCES).to_pylist()[0]
+    assert back["judge_better"] is None and back["soft_label"] is None and back["better"] == 1

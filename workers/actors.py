@@ -144,23 +144,24 @@ class RewardModelTrainer:
         n_hold = int(len(pairs) * self.cfg.holdout_fraction)
         hold, train = [pairs[i] for i in order[:n_hold]], [pairs[i] for i in order[n_hold:]]
 
-        def split(rows):
-            ch = [r["response_a"] if r["better"] == 0 else r["response_b"] for r in rows]
-            rj = [r["response_b"] if r["better"] == 0 else r["response_a"] for r in rows]
-            return [r["prompt"] for r in rows], ch, rj
-
-        p, c, r = split(train)
+        p, c, r, targets = rmlib.preference_arrays(train)
+        soft = any(t != 1.0 for t in targets)  # hard labels only: the plain (optionally margin) loss
         metrics = rmlib.train_reward_model(
             self.model, self.tokenizer, p, c, r, weights=[x["weight"] for x in train],
-            margins=[self.cfg.margin] * len(train) if self.cfg.margin else None, epochs=self.cfg.epochs,
+            margins=[self.cfg.margin] * len(train) if self.cfg.margin and not soft else None,
+            targets=targets if soft else None, epochs=self.cfg.epochs,
             lr=self.cfg.lr, batch_size=self.cfg.batch_size, max_length=self.cfg.max_length, seed=self.seed)
+        hold = [x for x in hold if x["better"] in (0, 1)]   # accuracy needs a decided pair
         if hold:
-            hp, hc, hr = split(hold)
+            hp, hc, hr, _ = rmlib.preference_arrays(hold)
             metrics["heldout_accuracy"] = rmlib.pair_accuracy(self.model, self.tokenizer, hp, hc, hr)
             # Accuracy against the judge's own (noise-free) choice: what the RM can learn at best.
-            jc = [x["response_a"] if x["judge_better"] == 0 else x["response_b"] for x in hold]
-            jr = [x["response_b"] if x["judge_better"] == 0 else x["response_a"] for x in hold]
-            metrics["heldout_accuracy_vs_judge"] = rmlib.pair_accuracy(self.model, self.tokenizer, hp, jc, jr)
+            judged = [x for x in hold if x.get("judge_better") in (0, 1)]
+            if judged:
+                jc = [x["response_a"] if x["judge_better"] == 0 else x["response_b"] for x in judged]
+                jr = [x["response_b"] if x["judge_better"] == 0 else x["response_a"] for x in judged]
+                metrics["heldout_accuracy_vs_judge"] = rmlib.pair_accuracy(
+                    self.model, self.tokenizer, [x["prompt"] for x in judged], jc, jr)
         all_scores = rmlib.score(self.model, self.tokenizer, p + p, c + r, max_length=self.cfg.max_length)
         self.norm = (float(np.mean(all_scores)), float(np.std(all_scores) + 1e-6))
         rmlib.save_reward_model(self.model, self.tokenizer, dest)
