@@ -70,7 +70,7 @@ def default_panel(n: int = 5, seed: int = 0) -> list[AnnotatorProfile]:
     return panel
 
 
-def _choose(p: AnnotatorProfile, rng: np.random.Generator, left: int, total: tuple[float, float],
+def choose(p: AnnotatorProfile, rng: np.random.Generator, left: int, total: tuple[float, float],
             length: tuple[int, int], safe: tuple[bool, bool]) -> tuple[int, bool]:
     """One annotator's verdict on answers 0 and 1: (choice 0/1, or -1 for a tie; flipped)."""
     u = rng.random()
@@ -113,7 +113,7 @@ def panel_preferences(samples: list[dict], scores, panel: list[AnnotatorProfile]
                 p = panel[int(j)]
                 left = int(rng.integers(2))          # 0: response_a shown on the left
                 safe = (bool(safety[j][a]), bool(safety[j][b]))
-                better, flipped = _choose(p, rng, left, total, length, safe)
+                better, flipped = choose(p, rng, left, total, length, safe)
                 rows.append({
                     "pair_id": f"{pid}-{iteration}-{a}-{b}", "prompt_id": pid, "prompt": samples[a]["prompt"],
                     "response_a": samples[a]["response"], "response_b": samples[b]["response"],

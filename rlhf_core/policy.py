@@ -151,6 +151,35 @@ class Policy(nn.Module):
             res["values"] = self.value_head(h).squeeze(-1)                        # (B, A)
         return res
 
+    def forward_shared_prompts(self, query_ids: torch.Tensor, query_mask: torch.Tensor,
+                               continuations: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+                               ) -> list[torch.Tensor]:
+        """Per-token log-probs of several answer sets to ONE batch of prompts, prompts run once.
+
+        `continuations`: (rows (n,), response_ids (n, A), response_mask (n, A)) — row i of a set
+        answers prompt rows[i]. The prompts go through the model once with a KV cache; each set
+        then runs only its own answer tokens against the cached prompt rows, and gradients flow
+        back through the cache. The supervised stage scores targets and negatives of the same
+        prompts this way: a negative's 3-token opening costs 3 tokens, not a whole prompt.
+        Equal to `forward` on the concatenated rows (tests/test_policy.py). Returns [(n, A)].
+        """
+        from transformers.cache_utils import DynamicCache
+        pos = (query_mask.cumsum(1) - 1).clamp(min=0)
+        out = self.model(input_ids=query_ids, attention_mask=query_mask, position_ids=pos, use_cache=True,
+                         logits_to_keep=1)
+        first = out.logits[:, -1, :]                                              # (B, V): answer token 0
+        kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        result = []
+        for rows, r_ids, r_mask in continuations:
+            cache = DynamicCache([(k[rows], v[rows]) for k, v in kv])
+            attn = torch.cat([query_mask[rows], r_mask], dim=1)                   # (n, Q+A)
+            r_pos = (attn.cumsum(1) - 1).clamp(min=0)[:, query_ids.shape[1]:]
+            o = self.model(input_ids=r_ids, attention_mask=attn, position_ids=r_pos, past_key_values=cache,
+                           use_cache=True)
+            logits = torch.cat([first[rows, None, :], o.logits[:, :-1, :]], dim=1)   # (n, A, V)
+            result.append(logprobs_from_logits(logits, r_ids))
+        return result
+
     # ----- weights ---------------------------------------------------------------------------
     def adapter_state(self) -> dict[str, torch.Tensor]:
         """LoRA weights only (a few MB): what moves from trainer to rollout workers."""

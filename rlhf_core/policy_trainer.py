@@ -68,21 +68,28 @@ class PolicyTrainer:
 
         `negatives`: (prompt, unwanted answer) pairs, e.g. a refusal of a safe prompt; their opening
         is pushed down with a sequence-level unlikelihood term weighted by `unlikelihood_coef`.
+        Each negative's prompt must be one of `prompts`: the prompts run through the model once and
+        both the targets and the negatives' openings are scored against them.
         Returns {"loss", "sft_loss", "unlikelihood_loss"}.
         """
         p = self.policy
         q_ids, q_mask = p.encode_queries(prompts)
         r_ids, r_mask = p.encode_responses(responses, max_tokens)
-        p.model.train()
-        logp = p.forward(RolloutBatch(q_ids, q_mask, r_ids, r_mask, []))["logp"]  # (B, A)
-        sft_loss = -masked_mean(logp, r_mask.float())
-        ul_loss = torch.zeros((), device=p.device)
-        if negatives and unlikelihood_coef > 0:
-            nq_ids, nq_mask = p.encode_queries([n[0] for n in negatives])
+        sets = [(torch.arange(len(prompts), device=p.device), r_ids, r_mask)]
+        use_ul = bool(negatives) and unlikelihood_coef > 0
+        if use_ul:
+            row_of = {q: i for i, q in reversed(list(enumerate(prompts)))}      # first row of each prompt
+            missing = [n[0] for n in negatives if n[0] not in row_of]
+            if missing:
+                raise ValueError(f"negatives must answer prompts of this batch; not in it: {missing[0][:80]!r}")
             nr_ids, nr_mask = p.encode_responses([n[1] for n in negatives], unlikelihood_tokens + 1)
             nr_mask[:, unlikelihood_tokens:] = 0                                  # the opening only, no EOS
-            nlogp = p.forward(RolloutBatch(nq_ids, nq_mask, nr_ids, nr_mask, []))["logp"]
-            ul_loss = sequence_unlikelihood_loss(nlogp, nr_mask, unlikelihood_tokens)
+            sets.append((torch.tensor([row_of[n[0]] for n in negatives], device=p.device), nr_ids, nr_mask))
+        p.model.train()
+        logps = p.forward_shared_prompts(q_ids, q_mask, sets)                    # [(B, A), (n, k)]
+        sft_loss = -masked_mean(logps[0], r_mask.float())
+        ul_loss = (sequence_unlikelihood_loss(logps[1], nr_mask, unlikelihood_tokens) if use_ul
+                   else torch.zeros((), device=p.device))
         loss = sft_loss + unlikelihood_coef * ul_loss
         if not torch.isfinite(loss):
             raise FloatingPointError(f"warm-up loss is {loss.item()}")

@@ -126,3 +126,46 @@ def test_sft_step_scores_the_negatives_opening(tiny_model_path):
     assert m["loss"] == pytest.approx(m["sft_loss"] + 5.0 * m["unlikelihood_loss"], rel=1e-5)
     plain = t.sft_step([PROMPTS[0]], ["Mix flour."], max_tokens=8)
     assert plain["unlikelihood_loss"] == 0.0
+
+
+def test_shared_prompt_forward_equals_separate_forwards(tiny_model_path):
+    """Prompts run once with a KV cache, two answer sets scored against them: same log-probs and
+    same gradients as two ordinary forward passes."""
+    from rlhf_core.policy import RolloutBatch
+    p = Policy(tiny_model_path, PolicyConfig(max_new_tokens=8, lora_r=4, lora_alpha=8), seed=0)
+    params = [x for x in p.model.parameters() if x.requires_grad]
+    with torch.no_grad():
+        for x in params:   # a non-zero adapter, so gradients reach every LoRA matrix
+            x.normal_(std=0.05)
+    q, qm = p.encode_queries(PROMPTS)
+    r, rm = p.encode_responses(["Mix flour and water.", "I can't help.", "4"], 8)
+    rows = torch.tensor([0, 2])
+    nr, nm = p.encode_responses(["I can't help with that.", "Sorry, no"], 4)
+
+    def grads(loss_fn):
+        for x in params:
+            x.grad = None
+        loss_fn().backward()
+        return torch.cat([x.grad.flatten() for x in params])
+
+    def separate():
+        a = p.forward(RolloutBatch(q, qm, r, rm, []))["logp"]
+        b = p.forward(RolloutBatch(q[rows], qm[rows], nr, nm, []))["logp"]
+        return (a * rm).sum() + (b * nm).sum()
+
+    def shared():
+        a, b = p.forward_shared_prompts(q, qm, [(torch.arange(3), r, rm), (rows, nr, nm)])
+        return (a * rm).sum() + (b * nm).sum()
+
+    assert shared().item() == pytest.approx(separate().item(), abs=1e-4)
+    g1, g2 = grads(separate), grads(shared)
+    assert g1.abs().max() > 0 and torch.allclose(g1, g2, atol=1e-5)
+
+
+def test_negatives_must_answer_batch_prompts(tiny_model_path):
+    p = Policy(tiny_model_path, PolicyConfig(max_new_tokens=8, lora_r=4, lora_alpha=8), seed=0)
+    t = PolicyTrainer(p, PPOConfig(), seed=0)
+    t.begin_sft(lr=1e-2)
+    with pytest.raises(ValueError, match="negatives must answer prompts of this batch"):
+        t.sft_step([PROMPTS[0]], ["Bread."], max_tokens=8, negatives=[(PROMPTS[2], "I can't.")],
+                   unlikelihood_coef=1.0)
