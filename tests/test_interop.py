@@ -259,3 +259,24 @@ def test_failed_write_keeps_old_file_and_leaves_no_temp(tmp_path, monkeypatch, s
     with pytest.raises(OSError, match="disk full"):
         export_preferences(pairs({"better": 0}, {"better": 1}), dest, "trl")
     assert os.listdir(tmp_path) == [dest.name] and dest.read_bytes() == before
+
+
+def test_cli_import_export_and_errors(tmp_path, capsys):
+    from flows.cli import main
+    src = tmp_path / "trl.jsonl"
+    src.write_text('{"prompt": "Hi?", "chosen": "Hello!", "rejected": "Go away."}\n'
+                   '{"prompt": "2+2?", "chosen": "4", "rejected": "5"}\n')
+    out = tmp_path / "prefs.parquet"
+    assert main(["prefs", "import", str(src), "--out", str(out)]) == 0
+    assert pq.read_table(out).num_rows == 2
+    back = tmp_path / "back.jsonl"
+    assert main(["prefs", "export", str(out), "--format", "trl", "--out", str(back)]) == 0
+    assert [json.loads(x)["chosen"] for x in back.read_text().splitlines()] == ["Hello!", "4"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "Hi?", "chosen": "Hello!", "rejected": "No."}\n{"prompt": "x", "chosen": "y"}\n')
+    assert main(["prefs", "import", str(bad), "--format", "trl", "--out", str(tmp_path / "x.parquet")]) == 2
+    err = capsys.readouterr().out
+    assert "bad.jsonl" in err and "line 2" in err and "rejected" in err
+    assert not (tmp_path / "x.parquet").exists()
+    assert main(["prefs", "import", str(src), "--format", "alpaca", "--out", str(tmp_path / "y.parquet")]) == 2
+    assert "hh-rlhf" in capsys.readouterr().out
