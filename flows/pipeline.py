@@ -205,14 +205,15 @@ def collect_feedback(run_id: str, k: int, samples_path: str) -> str:
     tpath = schemas.write_table(schemas.from_rows(targets, schemas.SAMPLES), d / "warmup_targets.parquet",
                                 schemas.SAMPLES)
     negatives = refusal_negatives(samples, scores)
-    schemas.write_table(schemas.from_rows(negatives, schemas.SAMPLES), d / "warmup_negatives.parquet", schemas.SAMPLES)
+    npath = schemas.write_table(schemas.from_rows(negatives, schemas.SAMPLES), d / "warmup_negatives.parquet",
+                                schemas.SAMPLES)
     stats = preference_stats(pairs)
     stats["warmup_targets_count"] = len(targets)
     stats["warmup_targets_refusal_demonstrations"] = float(np.mean([t["origin"] == "demonstration" for t in targets]))
     stats["warmup_negatives_count"] = len(negatives)
     stats["warmup_negatives_from_policy"] = sum(n["origin"] == "policy" for n in negatives)
     st.record(k, "preferences", {"path": str(path), "sha256": schemas.file_sha256(path), "annotator": annotator,
-                                 "warmup_targets": str(tpath), **label_stats, **stats})
+                                 "warmup_targets": str(tpath), "warmup_negatives": str(npath), **label_stats, **stats})
     return str(path)
 
 
