@@ -16,11 +16,11 @@ reward can be traced back to whose judgement it learned.
 """
 from __future__ import annotations
 
-import itertools
-from collections import defaultdict
 from dataclasses import dataclass
 
 import numpy as np
+
+from rlhf_core.feedback import candidate_pairs, is_safe
 
 
 @dataclass(frozen=True)
@@ -49,8 +49,7 @@ class AnnotatorProfile:
 
     def is_safe(self, harm_prob: np.ndarray, refusal: np.ndarray, toxicity: np.ndarray) -> np.ndarray:
         """Per-answer safety label, the threshold moved by strictness (0.5 at strictness 0). (N,) -> (N,)."""
-        t = 0.5 - 0.3 * self.strictness
-        return ~((harm_prob >= t) & (refusal < 0.5)) & (toxicity < t)
+        return is_safe(harm_prob, refusal, toxicity, threshold=0.5 - 0.3 * self.strictness)
 
 
 def default_panel(n: int = 5, seed: int = 0) -> list[AnnotatorProfile]:
@@ -100,26 +99,22 @@ def panel_preferences(samples: list[dict], scores, panel: list[AnnotatorProfile]
         raise ValueError(f"labels_per_pair must be between 1 and the panel size {len(panel)}, got {labels_per_pair}")
     rng = np.random.default_rng(seed)
     safety = [p.is_safe(scores.harm_prob, scores.refusal, scores.toxicity) for p in panel]  # per annotator (N,)
-    by_prompt: dict[str, list[int]] = defaultdict(list)
-    for i, s in enumerate(samples):
-        by_prompt[s["prompt_id"]].append(i)
     rows = []
-    for pid, idx in by_prompt.items():
-        for a, b in itertools.combinations(idx, 2):
-            total = (float(scores.total[a]), float(scores.total[b]))
-            length = (len(samples[a]["response"]), len(samples[b]["response"]))
-            judge = -1 if abs(total[0] - total[1]) <= 0.05 else int(total[1] > total[0])
-            for j in rng.choice(len(panel), size=labels_per_pair, replace=False):
-                p = panel[int(j)]
-                left = int(rng.integers(2))          # 0: response_a shown on the left
-                safe = (bool(safety[j][a]), bool(safety[j][b]))
-                better, flipped = choose(p, rng, left, total, length, safe)
-                rows.append({
-                    "pair_id": f"{pid}-{iteration}-{a}-{b}", "prompt_id": pid, "prompt": samples[a]["prompt"],
-                    "response_a": samples[a]["response"], "response_b": samples[b]["response"],
-                    "better": better, "judge_better": judge, "flipped": flipped,
-                    "score_a": total[0], "score_b": total[1], "is_safe_a": safe[0], "is_safe_b": safe[1],
-                    "annotator": p.id, "source": "simulated", "display_order": "ab" if left == 0 else "ba",
-                    "weight": 1.0,
-                })
+    for pid, a, b in candidate_pairs(samples):
+        total = (float(scores.total[a]), float(scores.total[b]))
+        length = (len(samples[a]["response"]), len(samples[b]["response"]))
+        judge = -1 if abs(total[0] - total[1]) <= 0.05 else int(total[1] > total[0])
+        for j in rng.choice(len(panel), size=labels_per_pair, replace=False):
+            p = panel[int(j)]
+            left = int(rng.integers(2))          # 0: response_a shown on the left
+            safe = (bool(safety[j][a]), bool(safety[j][b]))
+            better, flipped = choose(p, rng, left, total, length, safe)
+            rows.append({
+                "pair_id": f"{pid}-{iteration}-{a}-{b}", "prompt_id": pid, "prompt": samples[a]["prompt"],
+                "response_a": samples[a]["response"], "response_b": samples[b]["response"],
+                "better": better, "judge_better": judge, "flipped": flipped,
+                "score_a": total[0], "score_b": total[1], "is_safe_a": safe[0], "is_safe_b": safe[1],
+                "annotator": p.id, "source": "simulated", "display_order": "ab" if left == 0 else "ba",
+                "weight": 1.0,
+            })
     return rows

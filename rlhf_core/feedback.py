@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 from collections import defaultdict
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -20,9 +21,20 @@ def annotator_id(constitution_version, flip_prob: float, seed: int) -> str:
     return f"constitution-judge-v{constitution_version}/flip{flip_prob:g}/seed{seed}"
 
 
-def is_safe(harm_prob: np.ndarray, refusal: np.ndarray, toxicity: np.ndarray) -> np.ndarray:
-    """Per-answer safety label: not (harmful request answered) and not toxic."""
-    return ~((harm_prob >= 0.5) & (refusal < 0.5)) & (toxicity < 0.5)
+def is_safe(harm_prob: np.ndarray, refusal: np.ndarray, toxicity: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """Per-answer safety label: not (harmful request answered) and not toxic. A lower `threshold`
+    is a stricter annotator (more requests count as harmful, more language as toxic)."""
+    return ~((harm_prob >= threshold) & (refusal < 0.5)) & (toxicity < threshold)
+
+
+def candidate_pairs(samples: list[dict]) -> Iterator[tuple[str, int, int]]:
+    """(prompt_id, i, j) for every pair of candidates answering the same prompt, i < j."""
+    by_prompt: dict[str, list[int]] = defaultdict(list)
+    for i, s in enumerate(samples):
+        by_prompt[s["prompt_id"]].append(i)
+    for pid, idx in by_prompt.items():
+        for a, b in itertools.combinations(idx, 2):
+            yield pid, a, b
 
 
 def make_preferences(samples: list[dict], scores, *, flip_prob: float, tie_margin: float, seed: int,
@@ -33,24 +45,20 @@ def make_preferences(samples: list[dict], scores, *, flip_prob: float, tie_margi
     """
     rng = np.random.default_rng(seed)
     safe = is_safe(scores.harm_prob, scores.refusal, scores.toxicity)
-    by_prompt: dict[str, list[int]] = defaultdict(list)
-    for i, s in enumerate(samples):
-        by_prompt[s["prompt_id"]].append(i)
     rows = []
-    for pid, idx in by_prompt.items():
-        for a, b in itertools.combinations(idx, 2):
-            ta, tb = float(scores.total[a]), float(scores.total[b])
-            if abs(ta - tb) <= tie_margin:
-                continue
-            judge_better = 0 if ta > tb else 1
-            flipped = bool(rng.random() < flip_prob)
-            rows.append({
-                "pair_id": f"{pid}-{iteration}-{a}-{b}", "prompt_id": pid, "prompt": samples[a]["prompt"],
-                "response_a": samples[a]["response"], "response_b": samples[b]["response"],
-                "better": judge_better ^ int(flipped), "judge_better": judge_better, "flipped": flipped,
-                "score_a": ta, "score_b": tb, "is_safe_a": bool(safe[a]), "is_safe_b": bool(safe[b]),
-                "annotator": annotator, "source": "simulated", "weight": 1.0,
-            })
+    for pid, a, b in candidate_pairs(samples):
+        ta, tb = float(scores.total[a]), float(scores.total[b])
+        if abs(ta - tb) <= tie_margin:
+            continue
+        judge_better = 0 if ta > tb else 1
+        flipped = bool(rng.random() < flip_prob)
+        rows.append({
+            "pair_id": f"{pid}-{iteration}-{a}-{b}", "prompt_id": pid, "prompt": samples[a]["prompt"],
+            "response_a": samples[a]["response"], "response_b": samples[b]["response"],
+            "better": judge_better ^ int(flipped), "judge_better": judge_better, "flipped": flipped,
+            "score_a": ta, "score_b": tb, "is_safe_a": bool(safe[a]), "is_safe_b": bool(safe[b]),
+            "annotator": annotator, "source": "simulated", "weight": 1.0,
+        })
     return rows
 
 
