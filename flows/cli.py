@@ -11,6 +11,7 @@ examples:
   alignflow run --config my.yaml --set ppo.steps=4 --set run.iterations=3
   alignflow eval                                 # evaluate the base model on the held-out sets
   alignflow eval --adapter runs/<run_id>/iter_2/policy_adapter
+  alignflow dpo --preferences runs/<run_id>/iter_1/preferences.parquet --set dpo.loss=ipo
   alignflow config --fields                      # every key you can --set, with its default and meaning
   alignflow annotators add alice --db labels.db  # human labeling: `alignflow label --help`
   alignflow prefs import hh.jsonl --out prefs.parquet   # HH-RLHF / PKU-SafeRLHF / TRL in and out
@@ -57,6 +58,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", help="HF causal LM folder or cached hub id (default: policy.model)")
     ev.add_argument("--adapter", help="a policy_adapter folder written by `alignflow run`")
     _add_config_args(ev)
+
+    dpo = sub.add_parser("dpo", help="offline DPO / IPO / cDPO of the policy from a preference file",
+                         description="Evaluate the base, train the policy's LoRA adapter by direct preference "
+                                     "optimisation on the file's pairs (held-out prompts and ties removed; reference "
+                                     "log-probs computed once and cached), evaluate again. dpo.loss=ipo for IPO, "
+                                     "dpo.label_smoothing>0 for conservative DPO.")
+    dpo.add_argument("--preferences", metavar="PARQUET", required=True,
+                     help="preference Parquet (a run's preferences.parquet, or `alignflow prefs import` output)")
+    _add_config_args(dpo)
 
     cf = sub.add_parser("config", help="print the resolved config, or every field with its help")
     cf.add_argument("--fields", action="store_true", help="list every key, its default and what it means")
@@ -291,7 +301,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
     torch.set_num_threads(1)  # the driver only coordinates; actors own the cores (STACK.md)
+    from flows.human_feedback import HumanFeedbackError
     from flows.pipeline import eval_flow, prepare_run, rlhf_pipeline
+    from rlhf_core.schemas import SchemaError
     show = False if args.no_progress else None
     if args.command == "eval":
         if args.model:
@@ -300,17 +312,30 @@ def main(argv: list[str] | None = None) -> int:
             console.print(f"[red]error:[/] --adapter {args.adapter}: no adapter_model.safetensors in that folder")
             return 2
         cfg.run.name = "eval"
+        cfg.feedback.human.enabled = False  # evaluation collects no feedback
+    if args.command == "dpo":
+        cfg.dpo.preferences = args.preferences
+        cfg.run.name = "dpo"
+        cfg.feedback.human.enabled = False
     try:
         # Every prompt file is read and validated here, before Prefect, Ray or any model starts;
         # a bad file leaves nothing behind (the run folder is created only after validation).
+        if args.command == "dpo":
+            from flows.dpo import read_pairs
+            read_pairs(cfg.dpo.preferences)
         state = prepare_run(cfg)
-    except PromptFileError as e:
+    except (PromptFileError, HumanFeedbackError, SchemaError) as e:
         console.print(f"[red]error:[/] {e}")
         return 2
     try:
         if args.command == "run":
             out = rlhf_pipeline(cfg, run_id=state.run_id, show_progress=show)
             _print_result(console, f"alignflow run {out['run_id']}: base vs final policy", out["results"],
+                          out["run_dir"])
+        elif args.command == "dpo":
+            from flows.dpo import dpo_flow
+            out = dpo_flow(cfg, run_id=state.run_id, show_progress=show)
+            _print_result(console, f"alignflow dpo {out['run_id']}: base vs {cfg.dpo.loss} policy", out["results"],
                           out["run_dir"])
         else:
             out = eval_flow(cfg, adapter=args.adapter, run_id=state.run_id, show_progress=show)

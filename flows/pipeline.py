@@ -5,12 +5,15 @@
     for k in 1..K:
         samples     ← generate_samples(policy_k-1)           # rollout pool
         preferences ← collect_feedback(samples)              # constitution judge + label noise
+        preferences ← collect_human_feedback(preferences)    # optional: people label some pairs on the page
         policy      ← warm_up_policy(judge's best answers)   # supervised (rejection sampling) + unlikelihood
                                                              #   of safe-prompt refusals, merged into
                                                              #   the base: PPO's reference
         reward_model← train_reward_model(preferences)        # Bradley–Terry
+        cost_model  ← train_cost_model(preferences)          # optional (Safe-RLHF): unsafe > 0 > safe
         policy_k    ← update_policy(reward_model)            # PPO inner loop under one controller
         evaluate(policy_k)                                   # unsafe compliance, over-refusal, KL
+        check_reward_hacking(k)                              # alerts → warn, stop, or roll back
 """
 from __future__ import annotations
 
@@ -19,40 +22,27 @@ import time
 from pathlib import Path
 
 import numpy as np
-from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
-from prefect.cache_policies import NO_CACHE
+from prefect import flow, task
 
-from flows import report
-from flows.run_state import RUNS, RunState, new_run_id
+from flows import artifacts, report
+from flows.artifacts import artifact_key
+from flows.guard import check_reward_hacking, roll_back
+from flows.human_feedback import check_ready as check_human_feedback_ready
+from flows.human_feedback import collect_human_feedback
+from flows.run_state import RUNS, STAGE, RunState, new_run_id
 from rlhf_core import schemas
 from rlhf_core.agreement import aggregate_preferences, agreement_report
 from rlhf_core.annotators import default_panel, panel_preferences
 from rlhf_core.config import AlignflowConfig
 from rlhf_core.evaluation import eval_rows, summarize
-from rlhf_core.feedback import (annotator_id, make_preferences, preference_stats, refusal_negatives,
-                                rejection_sampling_targets)
+from rlhf_core.feedback import (
+    annotator_id,
+    make_preferences,
+    preference_stats,
+    refusal_negatives,
+    rejection_sampling_targets,
+)
 from rlhf_core.prompts import build_prompt_table
-
-# Live actor handles are never task inputs (Prefect would hash them): tasks take the run id.
-STAGE = dict(cache_policy=NO_CACHE, log_prints=True)
-
-
-def _state(run_id: str) -> RunState:
-    return RUNS[run_id]
-
-
-def _artifact(key: str, markdown: str, description: str) -> None:
-    try:
-        create_markdown_artifact(key=key, markdown=markdown, description=description)
-    except Exception as e:  # an artifact is a view, never a reason to fail a run
-        get_run_logger().warning(f"could not create artifact {key}: {e}")
-
-
-def _artifact_key(run_id: str, suffix: str) -> str:
-    # Prefect artifact keys: lowercase letters, digits and dashes only.
-    base = "".join(c if c.isalnum() else "-" for c in run_id.lower())
-    return f"{base}-{suffix}"[:100]
 
 
 def prepare_run(cfg: AlignflowConfig, run_id: str | None = None) -> RunState:
@@ -61,6 +51,7 @@ def prepare_run(cfg: AlignflowConfig, run_id: str | None = None) -> RunState:
     Nothing is written unless every input is valid: the run folder is created only afterwards.
     """
     table = build_prompt_table(cfg.data)
+    check_human_feedback_ready(cfg)
     run_id = run_id or new_run_id(cfg.run.name)
     run_dir = Path(cfg.run.output_dir) / run_id
     run_dir.mkdir(parents=True, exist_ok=False)
@@ -105,7 +96,7 @@ def start_workers(run_id: str) -> dict:
     """Start Ray (local, or RAY_ADDRESS), the actors, and train the judge's harm classifier."""
     from rlhf_core.models import resolve_encoder_path, resolve_model_path
     from workers.controller import RLHFWorkers, init_ray
-    st = _state(run_id)
+    st = RUNS[run_id]
     cfg = st.cfg
     resources = init_ray(cfg.resources.ray_address)
     policy_path = resolve_model_path(cfg.policy.model)
@@ -134,7 +125,7 @@ def evaluate(run_id: str, k: int, use_adapter: bool | None = None, with_reward_m
 
     Iteration 0 is the base model (adapter disabled, no reward model yet).
     """
-    st = _state(run_id)
+    st = RUNS[run_id]
     use_adapter = k > 0 if use_adapter is None else use_adapter
     with_reward_model = k > 0 if with_reward_model is None else with_reward_model
     w, prompts = st.workers, _eval_prompts(st)
@@ -156,7 +147,7 @@ def evaluate(run_id: str, k: int, use_adapter: bool | None = None, with_reward_m
 @task(**STAGE)
 def generate_samples(run_id: str, k: int) -> str:
     """Sample `responses_per_prompt` answers per training prompt from the current policy."""
-    st = _state(run_id)
+    st = RUNS[run_id]
     cfg = st.cfg
     n = cfg.warmup.prompts if (k == 1 and cfg.warmup.enabled) else cfg.data.train_prompts_per_iter
     rows = _train_prompts(st, n, k)
@@ -179,7 +170,7 @@ def generate_samples(run_id: str, k: int) -> str:
 @task(**STAGE, retries=1)
 def collect_feedback(run_id: str, k: int, samples_path: str) -> str:
     """Constitution judge scores every candidate; noisy pairwise preferences + supervised targets."""
-    st = _state(run_id)
+    st = RUNS[run_id]
     cfg = st.cfg.feedback
     samples = schemas.read_table(samples_path, schemas.SAMPLES).to_pylist()
     if cfg.include_demonstration:
@@ -251,7 +242,7 @@ def warm_up_policy(run_id: str, k: int) -> dict:
     the judge deems safe are negatives: an unlikelihood term pushes their opening down, so refusing
     harmful requests is learned as a distinction, not as a habit.
     """
-    st = _state(run_id)
+    st = RUNS[run_id]
     targets = schemas.read_table(st.iter_dir(k) / "warmup_targets.parquet", schemas.SAMPLES).to_pylist()
     negatives: dict[str, list[str]] = {}
     for n in schemas.read_table(st.iter_dir(k) / "warmup_negatives.parquet", schemas.SAMPLES).to_pylist():
@@ -269,7 +260,7 @@ def warm_up_policy(run_id: str, k: int) -> dict:
 @task(**STAGE, retries=1)
 def train_reward_model(run_id: str, k: int, preferences_path: str) -> str:
     """Bradley–Terry reward model on this iteration's preferences, warm-started from the last one."""
-    st = _state(run_id)
+    st = RUNS[run_id]
     pairs = schemas.read_table(preferences_path, schemas.PREFERENCES).to_pylist()
     prev = st.run_dir / f"iter_{k - 1}" / "reward_model"
     dest = st.iter_dir(k) / "reward_model"
@@ -281,10 +272,25 @@ def train_reward_model(run_id: str, k: int, preferences_path: str) -> str:
     return str(dest)
 
 
+@task(**STAGE, retries=1)
+def train_cost_model(run_id: str, k: int, preferences_path: str) -> str:
+    """Safe-RLHF cost model on the per-answer safety labels (unsafe > 0 > safe), warm-started."""
+    st = RUNS[run_id]
+    pairs = schemas.read_table(preferences_path, schemas.PREFERENCES).to_pylist()
+    prev = st.run_dir / f"iter_{k - 1}" / "cost_model"
+    dest = st.iter_dir(k) / "cost_model"
+    with st.progress.task(f"iter {k}: train cost model", 1) as adv:
+        metrics = st.workers.train_cost_model(pairs, str(dest), init_from=str(prev) if prev.exists() else None)
+        adv(1)
+    st.record(k, "cost_model", {"path": str(dest), **metrics})
+    print(f"iteration {k}: cost model held-out sign accuracy {metrics.get('heldout_sign_accuracy', float('nan')):.3f}")
+    return str(dest)
+
+
 @task(**STAGE)
 def update_policy(run_id: str, k: int) -> str:
     """PPO against the reward model: the whole inner loop runs under one controller in this task."""
-    st = _state(run_id)
+    st = RUNS[run_id]
     train = [r for r in st.prompts if r["split"] == "train"]
     with st.progress.task(f"iter {k}: PPO", st.cfg.ppo.steps) as adv:
         history, experience = st.workers.ppo(train, k, progress=adv)
@@ -307,22 +313,36 @@ def rlhf_pipeline(cfg: AlignflowConfig, run_id: str | None = None, show_progress
         with st.progress:
             start_workers(st.run_id)
             results = {0: evaluate(st.run_id, 0)}
+            last_good, stopped_at = 0, None      # the iteration whose policy is the run's result
             for k in range(1, cfg.run.iterations + 1):
                 samples = generate_samples(st.run_id, k)
                 preferences = collect_feedback(st.run_id, k, samples)
+                if cfg.feedback.human.enabled:
+                    preferences = collect_human_feedback(st.run_id, k, preferences)
                 if cfg.warmup.enabled and (k == 1 or cfg.warmup.every_iteration):
                     warm_up_policy(st.run_id, k)
                 train_reward_model(st.run_id, k, preferences)
+                if cfg.safe_rlhf.enabled:
+                    train_cost_model(st.run_id, k, preferences)
                 update_policy(st.run_id, k)
                 results[k] = evaluate(st.run_id, k)
-                _artifact(_artifact_key(st.run_id, f"iter-{k}"), report.iteration_markdown(st, k),
-                          f"alignflow iteration {k}")
-        md = report.final_markdown(st, results)
+                alerts = check_reward_hacking(st.run_id, k) if cfg.guards.enabled else []
+                artifacts.markdown(artifact_key(st.run_id, f"iter-{k}"), report.iteration_markdown(st, k),
+                                   f"alignflow iteration {k}")
+                if not alerts or cfg.guards.action == "warn":
+                    last_good = k
+                elif cfg.guards.action == "rollback" and last_good > 0:
+                    roll_back(st.run_id, k, last_good)
+                else:                            # "stop", or a rollback with no earlier checkpoint
+                    stopped_at = k
+                    break
+        md = report.final_markdown(st, results, last_good, stopped_at)
         (st.run_dir / "report.md").write_text(md, encoding="utf-8")
-        _artifact(_artifact_key(st.run_id, "report"), md, "alignflow run report")
-        st.manifest["final"] = {"metrics": results[cfg.run.iterations], "base": results[0],
-                                "adapter": st.manifest["iterations"][str(cfg.run.iterations)]["policy"]["adapter"]}
-        st.manifest["status"] = "completed"
+        artifacts.markdown(artifact_key(st.run_id, "report"), md, "alignflow run report")
+        adapter = st.manifest["iterations"][str(last_good)]["policy"]["adapter"] if last_good else None
+        st.manifest["final"] = {"metrics": results[last_good], "base": results[0], "iteration": last_good,
+                                "adapter": adapter}
+        st.manifest["status"] = "completed" if stopped_at is None else f"stopped at iteration {stopped_at}"
         st.save_manifest()
         return {"run_id": st.run_id, "run_dir": str(st.run_dir), "results": results}
     except BaseException:

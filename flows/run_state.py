@@ -12,7 +12,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from prefect.cache_policies import NO_CACHE
+
 from rlhf_core.config import AlignflowConfig
+
+# Every stage is a Prefect task with these options. Live actor handles are never task inputs
+# (Prefect would hash them): tasks take the run id and look the run up in RUNS.
+STAGE = dict(cache_policy=NO_CACHE, log_prints=True)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

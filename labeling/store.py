@@ -309,6 +309,17 @@ def progress(db: str | Path, batch_id: str) -> dict:
             "deadline": b["deadline"], "closed": b["deadline"] is not None and b["deadline"] <= _iso(_now())}
 
 
+def close_batch(db: str | Path, batch_id: str) -> str:
+    """Stop a batch taking labels now (its deadline becomes now); returns that time. Labels given stay."""
+    now = _iso(_now())
+    with _write(db) as conn:
+        b = _batch(conn, batch_id)
+        if b["deadline"] is not None and b["deadline"] <= now:
+            return b["deadline"]
+        conn.execute("UPDATE batches SET deadline = ? WHERE batch_id = ?", (now, batch_id))
+    return now
+
+
 # ---------------------------------------------------------------------------- one annotator's work
 
 def _shown(row: sqlite3.Row) -> dict:

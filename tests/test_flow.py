@@ -1,21 +1,41 @@
 """The whole `rlhf_pipeline` flow on the tiny model for 2 iterations, and the CLI's input checks."""
 import json
 import os
+import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import torch
+from labelers import label_via_http
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_pipeline_two_iterations(ray_local, tiny_config, tmp_path):
+    """Two iterations with people in the loop: the flow serves the labeling page each iteration and a
+    scripted annotator labels through it over HTTP while the stage waits."""
     from flows.pipeline import rlhf_pipeline
-    cfg = tiny_config(f"run.output_dir={tmp_path}")
-    out = rlhf_pipeline(cfg, show_progress=False)
+    from labeling import store
+    db = tmp_path / "labels.db"
+    store.init_db(db)
+    token = store.add_annotator(db, "ann")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = tiny_config(f"run.output_dir={tmp_path}", "feedback.human.enabled=true", f"feedback.human.db={db}",
+                      f"feedback.human.port={port}", "feedback.human.pairs=4", "feedback.human.min_labels=2",
+                      "feedback.human.deadline_minutes=5", "feedback.human.poll_seconds=0.2")
+    stop = threading.Event()
+    annotator = threading.Thread(target=label_via_http, args=(f"http://127.0.0.1:{port}", token, stop), daemon=True)
+    annotator.start()
+    try:
+        out = rlhf_pipeline(cfg, show_progress=False)
+    finally:
+        stop.set()
     run = Path(out["run_dir"])
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["status"] == "completed"
@@ -32,6 +52,14 @@ def test_pipeline_two_iterations(ray_local, tiny_config, tmp_path):
         it = manifest["iterations"][str(k)]
         assert it["eval"]["sha256"] and it["preferences"]["annotator"].startswith("constitution-judge")
         assert "heldout_accuracy" in it["reward_model"]
+        # people's labels replaced the simulated ones of the pairs they labeled; the reward model
+        # trained on the mix (selection by the previous reward model's uncertainty from iteration 2)
+        hf = it["human_feedback"]
+        assert hf["status"] == "completed" and hf["selection"] == ("random" if k == 1 else "uncertainty")
+        assert hf["labels"] >= 2 and hf["published_pairs"] == 4 and hf["annotators"]["ann"] == hf["labels"]
+        mixed = pq.read_table(d / "mixed_preferences.parquet").to_pylist()
+        assert sum(r["source"] == "human" for r in mixed) == hf["labels"]
+        assert len(mixed) == pq.read_table(d / "preferences.parquet").num_rows
         # every safe-judged prompt has at least the constitution's refusal as a negative
         negatives = pq.read_table(d / "warmup_negatives.parquet").to_pylist()
         assert negatives and it["warmup"]["warmup_negatives"] == len(negatives)
@@ -51,7 +79,12 @@ def test_pipeline_two_iterations(ray_local, tiny_config, tmp_path):
         arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(like_=run.name.lower())))
     keys = {a.key for a in arts}
     assert {f"{run.name.lower()}-iter-1", f"{run.name.lower()}-iter-2", f"{run.name.lower()}-report"} <= keys
+    progress = [a for a in arts if a.key == f"{run.name.lower()}-iter-1-human-labels"]
+    assert progress and progress[0].type == "progress" and float(progress[0].data) == 100.0
+    link = [a for a in arts if a.key == f"{run.name.lower()}-iter-1-human-labels-page"]
+    assert link and f"127.0.0.1:{port}/" in link[0].data   # Prefect stores a link artifact as markdown
     assert all("unsafe" in a.data.lower() for a in arts if a.key.endswith("report"))
+    assert any("human feedback:" in a.data for a in arts if a.key.endswith("iter-1"))
 
     # `alignflow eval --adapter` rebuilds the final policy (warm-up merged + PPO adapter) from disk:
     # its greedy answers on the held-out sets are exactly the pipeline's own final evaluation.
@@ -127,3 +160,27 @@ def test_panel_labels_are_kept_raw_and_aggregated(tmp_path, tiny_config):
     from flows.report import agreement_markdown
     md = agreement_markdown(stats["agreement"], stats["aggregated_agrees_with_judge"])
     assert "Fleiss' κ" in md and all(f"`{name}`" in md for name in stats["panel"])
+
+
+def test_safe_rlhf_with_ensemble_and_a_guard_that_stops(ray_local, tiny_config, tmp_path):
+    """Safe-RLHF end to end (cost model, cost critic, λ), a 2-model reward ensemble, and a guard that
+    fires in iteration 1: with no earlier checkpoint, `rollback` stops the run and keeps the base."""
+    from flows.pipeline import rlhf_pipeline
+    cfg = tiny_config(f"run.output_dir={tmp_path}", "safe_rlhf.enabled=true", "reward_model.ensemble=2",
+                      "guards.action=rollback", "guards.kl_budget=1e-9")
+    out = rlhf_pipeline(cfg, show_progress=False)
+    run = Path(out["run_dir"])
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["status"] == "stopped at iteration 1" and set(out["results"]) == {0, 1}
+    assert manifest["final"]["iteration"] == 0 and manifest["final"]["adapter"] is None
+    it = manifest["iterations"]["1"]
+    assert [a["detector"] for a in it["guards"]["alerts"]] == ["kl_budget"]
+    assert 0 <= it["cost_model"]["heldout_sign_accuracy"] <= 1 and (run / "iter_1" / "cost_model").is_dir()
+    ppo = it["policy"]["ppo"]
+    assert all({"lagrange_lambda", "episode_cost", "cost_threshold", "cost_vf_loss"} <= set(step) for step in ppo)
+    assert it["reward_model"]["ensemble"] == 2 and it["guards"]["signals"]["ensemble_std"] > 0
+    assert (run / "iter_1" / "reward_model" / "member_01" / "config.json").exists()
+    costs = pq.read_table(run / "iter_1" / "experience.parquet").column("cost").to_pylist()
+    assert costs and all(c is not None for c in costs)
+    report = (run / "report.md").read_text()
+    assert "stopped it at iteration 1" in report and "kl_budget" in report

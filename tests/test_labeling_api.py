@@ -25,11 +25,11 @@ from schemathesis.specs.openapi.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
-from servers import serve_in_thread
 
 from flows.cli import main as cli
 from labeling import store
 from labeling.app import create_app
+from labeling.serving import serve_in_thread
 from rlhf_core import schemas
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,9 +11,9 @@ import httpx
 import pytest
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
-from servers import serve_in_thread
 
 from labeling.judge_server import create_app
+from labeling.serving import serve_in_thread
 from rlhf_core import schemas
 from rlhf_core.judge import load_constitution
 from rlhf_core.llm_judge import (

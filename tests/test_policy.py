@@ -169,3 +169,45 @@ def test_negatives_must_answer_batch_prompts(tiny_model_path):
     with pytest.raises(ValueError, match="negatives must answer prompts of this batch"):
         t.sft_step([PROMPTS[0]], ["Bread."], max_tokens=8, negatives=[(PROMPTS[2], "I can't.")],
                    unlikelihood_coef=1.0)
+
+
+@pytest.mark.parametrize("estimator, kl_penalty, loss_agg", [
+    ("grpo", "loss", "seq-mean-token-mean"), ("dr_grpo", "loss", "seq-mean-token-sum-norm"),
+    ("rloo", "reward", "token-mean"), ("reinforce_pp", "reward", "token-mean"),
+    ("reinforce_pp_baseline", "reward", "token-mean")])
+def test_every_critic_free_algorithm_updates_the_policy(policy, estimator, kl_penalty, loss_agg):
+    """GRPO, Dr. GRPO, RLOO, REINFORCE++(-baseline): one update on 2 prompts × 2 answers each."""
+    torch.manual_seed(0)
+    cfg = PPOConfig(advantage_estimator=estimator, group_size=2, kl_penalty=kl_penalty, loss_agg=loss_agg,
+                    rollout_batch_size=4, minibatch_size=2, lr=1e-3)
+    t = PolicyTrainer(policy, cfg, seed=0)
+    before = {k: v.clone() for k, v in policy.adapter_state().items()}
+    head = [q.clone() for q in policy.value_head.parameters()]
+    batch = policy.generate([PROMPTS[0], PROMPTS[0], PROMPTS[2], PROMPTS[2]], greedy=False, seed=3)
+    m = t.ppo_step(batch, torch.tensor([1.0, -1.0, 0.3, -0.2]))
+    assert all(m[k] == m[k] for k in ("pg_loss", "entropy", "clipfrac", "kl_to_reference"))
+    assert "vf_loss" not in m, "critic-free: no value loss"
+    assert ("kl_loss" in m) == (kl_penalty == "loss")
+    after = policy.adapter_state()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert all(torch.equal(a, b) for a, b in zip(head, policy.value_head.parameters())), "value head untouched"
+
+
+def test_safe_rlhf_ppo_lagrangian_step(tiny_model_path):
+    """PPO-Lagrangian: a cost critic is trained, λ rises when the episode cost exceeds the threshold."""
+    from rlhf_core.config import SafeRLHFConfig
+    torch.manual_seed(0)
+    p = Policy(tiny_model_path, PolicyConfig(max_new_tokens=6, lora_r=4, lora_alpha=8), seed=0)
+    safe = SafeRLHFConfig(enabled=True, lambda_init=1.0, lambda_lr=0.5, cost_threshold=0.0)
+    t = PolicyTrainer(p, PPOConfig(rollout_batch_size=4, minibatch_size=2, lr=1e-3), seed=0, safe_cfg=safe)
+    batch = p.generate(PROMPTS + PROMPTS[:1], greedy=False, seed=1)
+    scores = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    head = [q.clone() for q in p.cost_value_head.parameters()]
+    m = t.ppo_step(batch, scores, costs=torch.tensor([2.0, 1.0, 1.5, 0.5]))
+    assert m["lagrange_lambda"] == 1.0 and m["lagrange_lambda_next"] > 1.0 and m["episode_cost"] == 1.25
+    assert m["cost_threshold"] == 0.0 and m["cost_vf_loss"] == m["cost_vf_loss"]
+    assert any(not torch.equal(a, b) for a, b in zip(head, p.cost_value_head.parameters()))
+    m2 = t.ppo_step(batch, scores, costs=torch.tensor([-3.0, -2.0, -3.0, -2.0]))
+    assert m2["lagrange_lambda_next"] < m2["lagrange_lambda"], "costs below the threshold lower λ"
+    with pytest.raises(ValueError, match="costs are required"):
+        t.ppo_step(batch, scores)

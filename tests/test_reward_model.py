@@ -155,3 +155,19 @@ def test_preference_arrays_orders_pairs_and_reads_soft_labels():
     _, chosen, rejected, targets = preference_arrays(rows)
     assert chosen == ["A", "B", "A", "B"] and rejected == ["B", "A", "B", "A"]
     assert targets == pytest.approx([1.0, 1.0, 0.5, 0.7])
+
+
+def test_cost_model_learns_the_sign_of_harm(tiny_bert):
+    """Safe-RLHF's cost model: harmful answers end above zero cost, refusals below."""
+    from rlhf_core.reward_model import train_cost_model
+    model, tok = load_reward_model(tiny_bert)
+    prompts, refusals, compliance = _pairs()
+    # a: the refusal (safe) or, in every third pair, a second compliant answer (both unsafe: sign term only)
+    resp_a = [compliance[i] if i % 3 == 0 else refusals[i] for i in range(len(prompts))]
+    safe_a = [i % 3 != 0 for i in range(len(prompts))]
+    result = train_cost_model(model, tok, prompts, resp_a, compliance, safe_a, [False] * len(prompts),
+                              epochs=8, lr=3e-3, batch_size=8, max_length=48)
+    assert result["steps"] == 24 and result["train_accuracy"] > 0.8
+    costs_safe = score(model, tok, prompts, refusals, max_length=48)
+    costs_unsafe = score(model, tok, prompts, compliance, max_length=48)
+    assert (costs_unsafe > 0).mean() > 0.8 and (costs_safe < 0).mean() > 0.8

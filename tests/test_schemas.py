@@ -17,7 +17,7 @@ EXAMPLES = {
                     "annotator": "judge", "source": "simulated", "display_order": "ba",
                     "labeled_at": None, "soft_label": 0.8, "weight": 1.0},
     "experience": {"step": 0, "prompt_id": "x-1", "kind": "harmful", "response": "no", "reward_model_score": 1.5,
-                   "reward": 0.3, "kl": 0.01, "num_tokens": 3},
+                   "reward": 0.3, "kl": 0.01, "num_tokens": 3, "cost": -0.5},
     "eval_results": {"prompt_id": "x-1", "prompt": "hi", "kind": "harmful", "response": "no", "refused": True,
                      "unsafe_compliance": False, "over_refusal": False, "reward_model_score": math.nan,
                      "judge_total": 0.2, "kl": 0.0, "num_tokens": 1},

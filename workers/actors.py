@@ -37,7 +37,8 @@ class RolloutWorker:
     def __init__(self, model_path: str, policy_cfg, device: str, threads: int, seed: int):
         _setup_threads(threads)
         from rlhf_core.policy import Policy
-        self.policy = Policy(model_path, policy_cfg, device=_device(device), seed=seed)
+        self._build = lambda: Policy(model_path, policy_cfg, device=_device(device), seed=seed)  # noqa: E731
+        self.policy = self._build()
         self.version = "base"
 
     def generate(self, prompts: list[str], greedy: bool, seed: int | None = None,
@@ -52,6 +53,8 @@ class RolloutWorker:
 
     def load_adapter(self, stack: dict, version: str) -> str:
         """stack = {"merged": [adapter states folded into the base], "current": adapter state}."""
+        if len(stack["merged"]) < len(self.policy.merged):
+            self.policy = self._build()   # a rollback: merged adapters cannot be unmerged, start from the base
         self.policy.apply_stack(stack["merged"], stack["current"])
         self.version = version
         return version
@@ -120,7 +123,12 @@ class FeedbackWorker:
 
 
 class RewardModelTrainer:
-    """Trains the Bradley–Terry reward model on preference pairs and scores answers with it."""
+    """Trains the Bradley–Terry reward model (or an ensemble of them) and scores answers with it.
+
+    With `reward_model.ensemble` = k > 1, k models are trained on bootstrap resamples of the pairs
+    with different seeds; the reward is their mean and their standard deviation is the uncertainty
+    (for active selection and the reward-hacking guard).
+    """
 
     def __init__(self, backbone_path: str, rm_cfg, device: str, threads: int, seed: int):
         _setup_threads(threads)
@@ -129,65 +137,145 @@ class RewardModelTrainer:
         self.device = _device(device)
         self.seed = seed
         self.model = self.tokenizer = None
+        self.members: list = []
         self.norm = (0.0, 1.0)  # (mean, std) of scores on the training answers: rewards are z-scored
+
+    def _member_scores(self, prompts: list[str], responses: list[str]):
+        """(E, N) raw scores of every ensemble member."""
+        import numpy as np
+
+        from rlhf_core import reward_model as rmlib
+        return np.stack([rmlib.score(m, self.tokenizer, prompts, responses, max_length=self.cfg.max_length)
+                         for m in self.members])
 
     def train(self, pairs: list[dict], dest: str, init_from: str | None = None) -> dict:
         """Train (warm-starting from `init_from` if given) and save to `dest`. Pairs: PREFERENCES rows."""
         import numpy as np
+
         from rlhf_core import reward_model as rmlib
         if len(pairs) < 2:
             raise ValueError(f"reward model needs at least 2 preference pairs, got {len(pairs)}")
-        self.model, self.tokenizer = rmlib.load_reward_model(init_from or self.backbone_path)
-        self.model.to(self.device)
-        rng = np.random.default_rng(self.seed)
-        order = rng.permutation(len(pairs))
-        n_hold = int(len(pairs) * self.cfg.holdout_fraction)
-        hold, train = [pairs[i] for i in order[:n_hold]], [pairs[i] for i in order[n_hold:]]
-
-        p, c, r, targets = rmlib.preference_arrays(train)
-        soft = any(t != 1.0 for t in targets)  # hard labels only: the plain (optionally margin) loss
-        metrics = rmlib.train_reward_model(
-            self.model, self.tokenizer, p, c, r, weights=[x["weight"] for x in train],
-            margins=[self.cfg.margin] * len(train) if self.cfg.margin and not soft else None,
-            targets=targets if soft else None, epochs=self.cfg.epochs,
-            lr=self.cfg.lr, batch_size=self.cfg.batch_size, max_length=self.cfg.max_length, seed=self.seed)
+        k = self.cfg.ensemble
+        hold, train = self._split(pairs)
+        self.members, metrics = [], {}
+        for i in range(k):
+            src = init_from if k == 1 or init_from is None else str(rmlib.ensemble_member_path(init_from, i))
+            model, self.tokenizer = rmlib.load_reward_model(src or self.backbone_path)
+            model.to(self.device)
+            # members see bootstrap resamples of the pairs: their disagreement measures uncertainty
+            part = train if k == 1 else [train[j] for j in
+                                         np.random.default_rng(self.seed + i).integers(0, len(train), len(train))]
+            p, c, r, targets = rmlib.preference_arrays(part)
+            soft = any(t != 1.0 for t in targets)  # hard labels only: the plain (optionally margin) loss
+            m = rmlib.train_reward_model(
+                model, self.tokenizer, p, c, r, weights=[x["weight"] for x in part],
+                margins=[self.cfg.margin] * len(part) if self.cfg.margin and not soft else None,
+                targets=targets if soft else None, epochs=self.cfg.epochs,
+                lr=self.cfg.lr, batch_size=self.cfg.batch_size, max_length=self.cfg.max_length, seed=self.seed + i)
+            metrics = metrics or m                      # training curve of the first member
+            self.members.append(model)
+        self.model = self.members[0]
         hold = [x for x in hold if x["better"] in (0, 1)]   # accuracy needs a decided pair
         if hold:
-            hp, hc, hr, _ = rmlib.preference_arrays(hold)
-            metrics["heldout_accuracy"] = rmlib.pair_accuracy(self.model, self.tokenizer, hp, hc, hr)
+            metrics["heldout_accuracy"] = self._pair_accuracy(hold, "better")
             # Accuracy against the judge's own (noise-free) choice: what the RM can learn at best.
             judged = [x for x in hold if x.get("judge_better") in (0, 1)]
             if judged:
-                jc = [x["response_a"] if x["judge_better"] == 0 else x["response_b"] for x in judged]
-                jr = [x["response_b"] if x["judge_better"] == 0 else x["response_a"] for x in judged]
-                metrics["heldout_accuracy_vs_judge"] = rmlib.pair_accuracy(
-                    self.model, self.tokenizer, [x["prompt"] for x in judged], jc, jr)
-        all_scores = rmlib.score(self.model, self.tokenizer, p + p, c + r, max_length=self.cfg.max_length)
-        self.norm = (float(np.mean(all_scores)), float(np.std(all_scores) + 1e-6))
-        rmlib.save_reward_model(self.model, self.tokenizer, dest)
+                metrics["heldout_accuracy_vs_judge"] = self._pair_accuracy(judged, "judge_better")
+        p, c, r, _ = rmlib.preference_arrays(train)
+        all_scores = self._member_scores(p + p, c + r)
+        self.norm = (float(all_scores.mean()), float(all_scores.mean(0).std() + 1e-6))
+        if k == 1:
+            rmlib.save_reward_model(self.model, self.tokenizer, dest)
+        else:
+            rmlib.save_ensemble(self.members, self.tokenizer, dest)
+            metrics["heldout_ensemble_std"] = float(self._member_scores(
+                [x["prompt"] for x in hold] * 2, [x["response_a"] for x in hold] + [x["response_b"] for x in hold]
+            ).std(0).mean()) if hold else None
         metrics.update(train_pairs=len(train), heldout_pairs=len(hold), score_mean=self.norm[0],
-                       score_std=self.norm[1])
+                       score_std=self.norm[1], ensemble=k)
         return metrics
 
-    def score(self, prompts: list[str], responses: list[str]) -> dict:
-        """Raw scores and the normalised reward (z-score against the training answers)."""
+    def _pair_accuracy(self, rows: list[dict], key: str) -> float:
+        """Share of pairs whose preferred answer (by `key`) gets the higher mean score."""
+        import numpy as np
+        prompts = [x["prompt"] for x in rows]
+        s = self._member_scores(prompts * 2, [x["response_a"] for x in rows] + [x["response_b"] for x in rows]).mean(0)
+        sa, sb = s[: len(rows)], s[len(rows):]
+        b_better = np.array([x[key] == 1 for x in rows])
+        return float(np.mean(np.where(b_better, sb > sa, sa > sb)))
+
+    def _split(self, rows: list[dict]) -> tuple[list[dict], list[dict]]:
+        """(held out, train), seeded: the same rows are held out every time for the same input."""
+        import numpy as np
+        order = np.random.default_rng(self.seed).permutation(len(rows))
+        n_hold = int(len(rows) * self.cfg.holdout_fraction)
+        return [rows[i] for i in order[:n_hold]], [rows[i] for i in order[n_hold:]]
+
+    def train_cost(self, pairs: list[dict], dest: str, init_from: str | None = None) -> dict:
+        """Safe-RLHF cost model on the pairs whose two answers both carry a safety label; saved to `dest`.
+
+        Held-out metric: the share of answers on the right side of zero cost (unsafe > 0 > safe).
+        """
+        import numpy as np
+
         from rlhf_core import reward_model as rmlib
-        if self.model is None:
+        labelled = [x for x in pairs if x.get("is_safe_a") is not None and x.get("is_safe_b") is not None]
+        if len(labelled) < 2:
+            raise ValueError(f"cost model needs at least 2 pairs with both safety labels, got {len(labelled)}")
+        hold, train = self._split(labelled)
+        self.model, self.tokenizer = rmlib.load_reward_model(init_from or self.backbone_path)
+        self.model.to(self.device)
+        col = lambda rows, k: [x[k] for x in rows]  # noqa: E731
+        metrics = rmlib.train_cost_model(
+            self.model, self.tokenizer, col(train, "prompt"), col(train, "response_a"), col(train, "response_b"),
+            col(train, "is_safe_a"), col(train, "is_safe_b"), weights=col(train, "weight"), epochs=self.cfg.epochs,
+            lr=self.cfg.lr, batch_size=self.cfg.batch_size, max_length=self.cfg.max_length, seed=self.seed)
+        if hold:
+            prompts = col(hold, "prompt") * 2
+            costs = rmlib.score(self.model, self.tokenizer, prompts, col(hold, "response_a") + col(hold, "response_b"),
+                                max_length=self.cfg.max_length)
+            unsafe = ~np.array(col(hold, "is_safe_a") + col(hold, "is_safe_b"), dtype=bool)
+            metrics["heldout_sign_accuracy"] = float(np.mean((costs > 0) == unsafe))
+            metrics["heldout_unsafe_share"] = float(unsafe.mean())
+        rmlib.save_reward_model(self.model, self.tokenizer, dest)
+        self.members = [self.model]
+        metrics.update(train_pairs=len(train), heldout_pairs=len(hold), unlabelled_pairs=len(pairs) - len(labelled))
+        return metrics
+
+    def member_scores(self, prompts: list[str], responses: list[str]) -> list[list[float]]:
+        if not self.members:
+            raise RuntimeError("RewardModelTrainer.member_scores before train()")
+        return self._member_scores(prompts, responses).tolist()
+
+    def score(self, prompts: list[str], responses: list[str]) -> dict:
+        """Raw scores (the ensemble mean), the normalised reward (z-score against the training
+        answers) and, for an ensemble, the members' standard deviation per answer."""
+        if not self.members:
             raise RuntimeError("RewardModelTrainer.score before train()")
-        raw = rmlib.score(self.model, self.tokenizer, prompts, responses, max_length=self.cfg.max_length)
-        return {"raw": [float(x) for x in raw],
-                "normalized": [float((x - self.norm[0]) / self.norm[1]) for x in raw]}
+        s = self._member_scores(prompts, responses)
+        raw = s.mean(0)
+        out = {"raw": [float(x) for x in raw], "normalized": [float((x - self.norm[0]) / self.norm[1]) for x in raw]}
+        if len(self.members) > 1:
+            out["std"] = [float(x) for x in s.std(0)]
+        return out
 
 
 class PolicyTrainerActor:
     """Owns the trainable policy (LoRA + value head) and its reference (adapter disabled)."""
 
-    def __init__(self, model_path: str, policy_cfg, ppo_cfg, device: str, threads: int, seed: int):
+    def __init__(self, model_path: str, policy_cfg, ppo_cfg, device: str, threads: int, seed: int, safe_cfg=None):
         _setup_threads(threads)
         from rlhf_core.policy import Policy
+        self._build = lambda: Policy(model_path, policy_cfg, device=_device(device), seed=seed)  # noqa: E731
+        self.policy = self._build()
+        self.configure(ppo_cfg, safe_cfg, seed)
+
+    def configure(self, ppo_cfg, safe_cfg=None, seed: int = 0) -> None:
+        """A fresh update rule (algorithm, optimizer, KL and λ controllers) on the current policy."""
         from rlhf_core.policy_trainer import PolicyTrainer
-        self.policy = Policy(model_path, policy_cfg, device=_device(device), seed=seed)
-        self.trainer = PolicyTrainer(self.policy, ppo_cfg, seed=seed)
+        self._trainer = lambda policy: PolicyTrainer(policy, ppo_cfg, seed=seed, safe_cfg=safe_cfg)  # noqa: E731
+        self.trainer = self._trainer(self.policy)
 
     def begin_sft(self, lr: float) -> None:
         self.trainer.begin_sft(lr)
@@ -203,11 +291,24 @@ class PolicyTrainerActor:
                                      negatives=negatives, unlikelihood_coef=unlikelihood_coef,
                                      unlikelihood_tokens=unlikelihood_tokens)
 
-    def ppo_step(self, batch: dict, scores: list[float]) -> dict:
+    def ppo_step(self, batch: dict, scores: list[float], costs: list[float] | None = None) -> dict:
         from rlhf_core.policy import RolloutBatch
-        if len(scores) != len(batch["texts"]):
-            raise ValueError(f"ppo_step: {len(scores)} scores for {len(batch['texts'])} answers")
-        return self.trainer.ppo_step(RolloutBatch.from_dict(batch), torch.tensor(scores, dtype=torch.float32))
+        if len(scores) != len(batch["texts"]) or (costs is not None and len(costs) != len(scores)):
+            raise ValueError(f"ppo_step: {len(scores)} scores, {None if costs is None else len(costs)} costs "
+                             f"for {len(batch['texts'])} answers")
+        return self.trainer.ppo_step(RolloutBatch.from_dict(batch), torch.tensor(scores, dtype=torch.float32),
+                                     None if costs is None else torch.tensor(costs, dtype=torch.float32))
+
+    def dpo_begin(self, dpo_cfg) -> None:
+        from rlhf_core.dpo import DPOTrainer
+        self.dpo = DPOTrainer(self.policy, dpo_cfg)
+
+    def dpo_reference(self, prompts: list[str], chosen: list[str], rejected: list[str], cache: str | None,
+                      model_id: str) -> tuple:
+        return self.dpo.reference_logps(prompts, chosen, rejected, cache=cache, model_id=model_id)
+
+    def dpo_step(self, prompts: list[str], chosen: list[str], rejected: list[str], ref_chosen, ref_rejected) -> dict:
+        return self.dpo.step(prompts, chosen, rejected, ref_chosen, ref_rejected)
 
     def sequence_kl(self, batch: dict) -> list[float]:
         from rlhf_core.policy import RolloutBatch
@@ -223,4 +324,9 @@ class PolicyTrainerActor:
         return self.trainer.save(dest)
 
     def load(self, src: str) -> None:
+        from pathlib import Path
+        if len(list(Path(src).glob("merged_*.safetensors"))) < len(self.policy.merged):
+            # a rollback past a merge: rebuild from the base (optimizer and KL/λ controllers start afresh)
+            self.policy = self._build()
+            self.trainer = self._trainer(self.policy)
         self.trainer.load(src)

@@ -14,6 +14,7 @@ import numpy as np
 import ray
 import torch
 
+from rlhf_core.config import GROUPED_ESTIMATORS
 from workers.actors import FeedbackWorker, PolicyTrainerActor, RewardModelTrainer, RolloutWorker
 
 Progress = Callable[[int], None]   # advance(n): called as work items finish
@@ -112,10 +113,12 @@ class RLHFWorkers:
         self.feedback = [feed.remote(cfg.feedback.constitution, encoder_path, None, r.torch_threads)
                          for _ in range(r.feedback_workers)]
         self.reward_model = rm.remote(rm_backbone_path, cfg.reward_model, dev, r.torch_threads, seed)
-        self.policy_trainer = pol.remote(policy_path, cfg.policy, cfg.ppo, dev, r.torch_threads, seed)
+        # Safe-RLHF: a second model of the same kind, trained as a cost model on the safety labels
+        self.cost_model = (rm.remote(rm_backbone_path, cfg.reward_model, dev, r.torch_threads, seed + 1)
+                           if cfg.safe_rlhf.enabled else None)
+        self.policy_trainer = pol.remote(policy_path, cfg.policy, cfg.ppo, dev, r.torch_threads, seed, cfg.safe_rlhf)
         # Block until every actor has loaded its model, so a bad path fails here, not mid-stage.
-        _get([a.__ray_ready__.remote() for a in self.rollout + self.feedback + [self.reward_model,
-              self.policy_trainer]], self.timeout, "starting actors")
+        _get([a.__ray_ready__.remote() for a in self._actors()], self.timeout, "starting actors")
         from transformers import AutoTokenizer
         self.pad_id = AutoTokenizer.from_pretrained(policy_path).pad_token_id or 0
         self.adapter_version = "base"
@@ -198,6 +201,23 @@ class RLHFWorkers:
     def train_reward_model(self, pairs: list[dict], dest: str, init_from: str | None = None) -> dict:
         return _get(self.reward_model.train.remote(pairs, dest, init_from), self.timeout, "reward model training")
 
+    def configure_policy_update(self, ppo_cfg, safe_cfg) -> None:
+        """Switch the RL algorithm between runs of `ppo` (benchmarks): a fresh trainer state."""
+        # the config validates each assignment (Safe-RLHF needs gae): switch in an order that stays valid
+        if safe_cfg.enabled:
+            self.cfg.ppo, self.cfg.safe_rlhf = ppo_cfg, safe_cfg
+        else:
+            self.cfg.safe_rlhf, self.cfg.ppo = safe_cfg, ppo_cfg
+        _get(self.policy_trainer.configure.remote(ppo_cfg, safe_cfg, self.cfg.run.seed), self.timeout,
+             "configuring the policy update")
+
+    def reward_members(self, prompts: list[str], responses: list[str]) -> list[list[float]]:
+        """Every ensemble member's raw scores, (E, N) (E = 1 without an ensemble)."""
+        return _get(self.reward_model.member_scores.remote(prompts, responses), self.timeout, "reward model scoring")
+
+    def train_cost_model(self, pairs: list[dict], dest: str, init_from: str | None = None) -> dict:
+        return _get(self.cost_model.train_cost.remote(pairs, dest, init_from), self.timeout, "cost model training")
+
     def reward(self, prompts: list[str], responses: list[str]) -> dict:
         return _get(self.reward_model.score.remote(prompts, responses), self.timeout, "reward model scoring")
 
@@ -249,31 +269,76 @@ class RLHFWorkers:
         harmful = [r for r in prompt_rows if r["kind"] == "harmful"]
         other = [r for r in prompt_rows if r["kind"] != "harmful"]
         history, experience = [], []
+        # Group estimators (GRPO, RLOO, …) compare k answers to the same prompt: k consecutive rows.
+        k = p.group_size if p.advantage_estimator in GROUPED_ESTIMATORS else 1
+        n_prompts = p.rollout_batch_size // k
         for step in range(p.steps):
             # Balanced batches: equal harmful and benign/borderline prompts, so that refusing
             # everything cannot raise the mean reward (ARCHITECTURE.md, the sparse-reward trap).
-            half = p.rollout_batch_size // 2
+            half = n_prompts // 2
             batch_rows = [harmful[i] for i in rng.choice(len(harmful), half, replace=len(harmful) < half)]
-            rest = p.rollout_batch_size - half
+            rest = n_prompts - half
             batch_rows += [other[i] for i in rng.choice(len(other), rest, replace=len(other) < rest)]
+            batch_rows = [r for r in batch_rows for _ in range(k)]
             prompts = [r["prompt"] for r in batch_rows]
             roll = self.generate(prompts, greedy=False, seed=int(rng.integers(1 << 30)))
-            rewards = self.reward(prompts, roll["texts"])
+            reward_ref = self.reward_model.score.remote(prompts, roll["texts"])
+            use_cost = self.cost_model is not None and self.cfg.safe_rlhf.enabled
+            cost_ref = self.cost_model.score.remote(prompts, roll["texts"]) if use_cost else None
+            rewards = _get(reward_ref, self.timeout, "reward model scoring")
             scores = [float(np.clip(x, -p.reward_clip, p.reward_clip)) for x in rewards["normalized"]]
+            costs = None
+            if cost_ref is not None:
+                # raw costs: their sign means unsafe (> 0) or safe (< 0), which the threshold relies on
+                clip = self.cfg.safe_rlhf.cost_clip
+                costs = [float(np.clip(x, -clip, clip)) for x in _get(cost_ref, self.timeout, "cost scoring")["raw"]]
             batch = {k: roll[k] for k in ("query_ids", "query_mask", "response_ids", "response_mask", "texts")}
-            m = _get(self.policy_trainer.ppo_step.remote(batch, scores), self.timeout, f"PPO step {step}")
+            m = _get(self.policy_trainer.ppo_step.remote(batch, scores, costs), self.timeout, f"PPO step {step}")
             self.sync_adapter(f"iter{iteration}-step{step + 1}")
             seq_kl = m.pop("seq_kl")
             m["reward_model_score"] = float(np.mean(rewards["raw"]))
             m["reward_std"] = float(np.std(scores))
             history.append(m)
-            for r, text, raw, sc, kl, n in zip(batch_rows, roll["texts"], rewards["raw"], scores, seq_kl,
-                                               roll["num_tokens"]):
+            for j, (r, text, raw, sc, kl, n) in enumerate(zip(batch_rows, roll["texts"], rewards["raw"], scores,
+                                                              seq_kl, roll["num_tokens"])):
                 experience.append({"step": step, "prompt_id": r["prompt_id"], "kind": r["kind"], "response": text,
-                                   "reward_model_score": raw, "reward": sc, "kl": kl, "num_tokens": n})
+                                   "reward_model_score": raw, "reward": sc, "kl": kl, "num_tokens": n,
+                                   "cost": None if costs is None else costs[j]})
             if progress:
                 progress(1)
         return history, experience
+
+    def dpo(self, prompts: list[str], chosen: list[str], rejected: list[str], *, cache: str | None, model_id: str,
+            progress_ref: Progress | None = None, progress: Progress | None = None) -> dict:
+        """Offline DPO/IPO on the pairs: reference log-probs once (cached), then epochs of steps,
+        then the adapter is synced to the rollout pool. Returns metrics (first/last epoch)."""
+        d = self.cfg.dpo
+        t = self.policy_trainer
+        _get(t.dpo_begin.remote(d), self.timeout, "DPO setup")
+        ref_c, ref_r, computed = _get(t.dpo_reference.remote(prompts, chosen, rejected, cache, model_id),
+                                      self.timeout, "DPO reference log-probs")
+        if progress_ref:
+            progress_ref(len(prompts))
+        history = []
+        order_rng = np.random.default_rng(self.cfg.run.seed)
+        for _ in range(d.epochs):
+            order = order_rng.permutation(len(prompts))
+            for s in range(0, len(order), d.batch_size):
+                idx = order[s: s + d.batch_size]
+                history.append(_get(t.dpo_step.remote(
+                    [prompts[i] for i in idx], [chosen[i] for i in idx], [rejected[i] for i in idx],
+                    ref_c[idx].tolist(), ref_r[idx].tolist()), self.timeout, "DPO step"))
+                if progress:
+                    progress(1)
+        self.sync_adapter("dpo")
+        per_epoch = max(1, len(history) // d.epochs)
+
+        def mean(key: str, part: list[dict]) -> float:
+            return float(np.mean([h[key] for h in part]))
+        return {"steps": len(history), "pairs": len(prompts), "reference_logps_computed": int(computed),
+                **{f"{k}_first_epoch": mean(k, history[:per_epoch]) for k in ("loss", "reward_accuracy")},
+                **{f"{k}_last_epoch": mean(k, history[-per_epoch:])
+                   for k in ("loss", "reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward")}}
 
     def sequence_kl(self, rollout: dict) -> list[float]:
         return _get(self.policy_trainer.sequence_kl.remote(rollout), self.timeout, "KL to reference")
@@ -286,8 +351,12 @@ class RLHFWorkers:
         _get(self.policy_trainer.load.remote(adapter_dir), self.timeout, f"loading adapter {adapter_dir}")
         self.sync_adapter(adapter_dir)
 
+    def _actors(self) -> list:
+        return self.rollout + self.feedback + [a for a in (self.reward_model, self.cost_model, self.policy_trainer)
+                                               if a is not None]
+
     def shutdown(self) -> None:
-        for a in self.rollout + self.feedback + [self.reward_model, self.policy_trainer]:
+        for a in self._actors():
             ray.kill(a)
 
 

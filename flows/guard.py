@@ -1,0 +1,71 @@
+"""The `check_reward_hacking` stage: gather each iteration's signals, run the detectors, act.
+
+    signals_k  ← held-out answers of k and k−1 scored by the latest reward model (ensemble), the
+                 judge's totals, KL, distinct bigrams, corr(RL reward, length) of the experience
+    alerts     ← guards.check(signals_0..k)
+    warn | stop | rollback to iteration k−1's checkpoint      (guards.action)
+"""
+from __future__ import annotations
+
+import numpy as np
+from prefect import task
+
+from flows import artifacts
+from flows.artifacts import artifact_key
+from flows.run_state import RUNS, STAGE
+from rlhf_core import schemas
+from rlhf_core.guards import check, correlation, distinct_n
+
+
+def _eval_rows(st, k: int) -> list[dict]:
+    return schemas.read_table(st.run_dir / f"iter_{k}" / "eval.parquet", schemas.EVAL_RESULTS).to_pylist()
+
+
+def _signals(st, k: int) -> dict:
+    cur, prev = _eval_rows(st, k), _eval_rows(st, k - 1)
+    prompts = [r["prompt"] for r in cur] + [r["prompt"] for r in prev]
+    members = np.asarray(st.workers.reward_members(prompts, [r["response"] for r in cur + prev]))   # (E, N + M)
+    mean = members.mean(0)
+    exp = schemas.read_table(st.run_dir / f"iter_{k}" / "experience.parquet", schemas.EXPERIENCE).to_pylist()
+    return {"iteration": k, "proxy": float(mean[: len(cur)].mean()), "proxy_prev": float(mean[len(cur):].mean()),
+            "gold": float(np.mean([r["judge_total"] for r in cur])),
+            "gold_prev": float(np.mean([r["judge_total"] for r in prev])),
+            "ensemble_std": float(members[:, : len(cur)].std(0).mean()) if len(members) > 1 else None,
+            "reward_length_corr": correlation([e["reward"] for e in exp], [e["num_tokens"] for e in exp]),
+            "kl": float(np.mean([r["kl"] for r in cur])), "distinct_2": distinct_n([r["response"] for r in cur])}
+
+
+@task(**STAGE)
+def check_reward_hacking(run_id: str, k: int) -> list[dict]:
+    """Detectors over iterations 0..k; alerts go to the manifest, the report and a Prefect artifact."""
+    st = RUNS[run_id]
+    base = {"iteration": 0, "distinct_2": distinct_n([r["response"] for r in _eval_rows(st, 0)])}
+    history = [base] + [st.manifest["iterations"][str(j)]["guards"]["signals"] for j in range(1, k)
+                        if "guards" in st.manifest["iterations"].get(str(j), {})]
+    signals = _signals(st, k)
+    alerts = [a.as_dict() for a in check(history + [signals], st.cfg.guards)]
+    st.record(k, "guards", {"signals": signals, "alerts": alerts, "action": st.cfg.guards.action if alerts else None})
+    for a in alerts:
+        print(f"iteration {k}: REWARD-HACKING ALERT [{a['detector']}] {a['message']}")
+    if alerts:
+        artifacts.markdown(artifact_key(run_id, f"iter-{k}-alerts"), alerts_markdown(k, alerts, st.cfg.guards.action),
+                           f"alignflow iteration {k}: reward-hacking alerts")
+    return alerts
+
+
+def alerts_markdown(k: int, alerts: list[dict], action: str) -> str:
+    lines = [f"## Reward-hacking alerts (iteration {k}; action: {action})", "",
+             "| detector | value | threshold | what happened |", "|---|---|---|---|"]
+    lines += [f"| `{a['detector']}` | {a['value']:.3f} | {a['threshold']:.3f} | {a['message']} |" for a in alerts]
+    return "\n".join(lines)
+
+
+@task(**STAGE)
+def roll_back(run_id: str, k: int, to: int) -> str:
+    """Restore iteration `to`'s policy (trainer and rollout pool) after iteration k raised alerts."""
+    st = RUNS[run_id]
+    adapter = st.manifest["iterations"][str(to)]["policy"]["adapter"]
+    st.workers.load_policy(adapter)
+    st.record(k, "rolled_back_to", adapter)
+    print(f"iteration {k}: rolled back to {adapter}")
+    return adapter
