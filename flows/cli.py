@@ -13,6 +13,7 @@ examples:
   alignflow eval --adapter runs/<run_id>/iter_2/policy_adapter
   alignflow dpo --preferences runs/<run_id>/iter_1/preferences.parquet --set dpo.loss=ipo
   alignflow config --fields                      # every key you can --set, with its default and meaning
+  alignflow models list                          # registered policies, their stage and lineage
   alignflow annotators add alice --db labels.db  # human labeling: `alignflow label --help`
   alignflow prefs import hh.jsonl --out prefs.parquet   # HH-RLHF / PKU-SafeRLHF / TRL in and out
   alignflow judge serve --model DIR              # a local chat model as OpenAI-compatible LLM judge
@@ -74,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     cf.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="overrides")
     _add_labeling_commands(sub)
     _add_feedback_tools(sub)
+    from flows.models_cli import add_models_commands
+    add_models_commands(sub)
     return parser
 
 
@@ -276,6 +279,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in ("label", "annotators"):
         return _labeling_main(args)
+    if args.command == "models":
+        from flows.models_cli import models_main
+        return models_main(args)
     if args.command in ("judge", "prefs"):
         return _feedback_tools_main(args)
     _prepare_env()

@@ -15,9 +15,8 @@ from pathlib import Path
 import pyarrow as pa
 from prefect import flow, task
 
-from flows import artifacts, report
-from flows.artifacts import artifact_key
-from flows.pipeline import evaluate, prepare_run, start_workers
+from flows import report
+from flows.pipeline import evaluate, managed_run, prepare_run, start_workers, write_report
 from flows.run_state import RUNS, STAGE
 from rlhf_core import schemas
 from rlhf_core.dpo import preference_pairs
@@ -72,24 +71,14 @@ def dpo_flow(cfg, run_id: str | None = None, show_progress: bool | None = None) 
     read_pairs(cfg.dpo.preferences)      # a bad file fails here, before any actor starts
     st = RUNS[run_id] if run_id in RUNS else prepare_run(cfg, run_id)
     st.progress = ProgressUI(show_progress)
-    try:
+    with managed_run(st):
         with st.progress:
             start_workers(st.run_id)
             results = {0: evaluate(st.run_id, 0)}
             train_dpo(st.run_id, cfg.dpo.preferences)
             results[1] = evaluate(st.run_id, 1, use_adapter=True, with_reward_model=False)
-        md = report.final_markdown(st, results)
-        (st.run_dir / "report.md").write_text(md, encoding="utf-8")
-        artifacts.markdown(artifact_key(st.run_id, "report"), md, "alignflow DPO report")
+        write_report(st, report.final_markdown(st, results), "alignflow DPO report")
         st.manifest.update(status="completed", final={"metrics": results[1], "base": results[0],
                                                       "adapter": st.manifest["iterations"]["1"]["dpo"]["adapter"]})
         st.save_manifest()
         return {"run_id": st.run_id, "run_dir": str(st.run_dir), "results": results}
-    except BaseException:
-        st.manifest["status"] = "failed"
-        st.save_manifest()
-        raise
-    finally:
-        if st.workers is not None:
-            st.workers.shutdown()
-        RUNS.pop(st.run_id, None)

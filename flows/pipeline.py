@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,7 @@ from flows.artifacts import artifact_key
 from flows.guard import check_reward_hacking, roll_back
 from flows.human_feedback import check_ready as check_human_feedback_ready
 from flows.human_feedback import collect_human_feedback
-from flows.run_state import RUNS, STAGE, RunState, new_run_id
+from flows.run_state import RUNS, STAGE, RunState, atomic_write_text, new_run_id
 from rlhf_core import schemas
 from rlhf_core.agreement import aggregate_preferences, agreement_report
 from rlhf_core.annotators import default_panel, panel_preferences
@@ -257,34 +258,34 @@ def warm_up_policy(run_id: str, k: int) -> dict:
     return metrics
 
 
+def _fit_scorer(st, k: int, preferences_path: str, name: str, train, metric: str, label: str) -> str:
+    """Train a reward-model-shaped scorer (reward or cost model) on the preferences, warm-started from
+    the previous iteration's, into iter_<k>/<name>/; record its metrics."""
+    pairs = schemas.read_table(preferences_path, schemas.PREFERENCES).to_pylist()
+    prev = st.run_dir / f"iter_{k - 1}" / name
+    dest = st.iter_dir(k) / name
+    with st.progress.task(f"iter {k}: train {name.replace('_', ' ')}", 1) as adv:
+        metrics = train(pairs, str(dest), init_from=str(prev) if prev.exists() else None)
+        adv(1)
+    st.record(k, name, {"path": str(dest), **metrics})
+    print(f"iteration {k}: {name.replace('_', ' ')} {label} {metrics.get(metric, float('nan')):.3f}")
+    return str(dest)
+
+
 @task(**STAGE, retries=1)
 def train_reward_model(run_id: str, k: int, preferences_path: str) -> str:
     """Bradley–Terry reward model on this iteration's preferences, warm-started from the last one."""
     st = RUNS[run_id]
-    pairs = schemas.read_table(preferences_path, schemas.PREFERENCES).to_pylist()
-    prev = st.run_dir / f"iter_{k - 1}" / "reward_model"
-    dest = st.iter_dir(k) / "reward_model"
-    with st.progress.task(f"iter {k}: train reward model", 1) as adv:
-        metrics = st.workers.train_reward_model(pairs, str(dest), init_from=str(prev) if prev.exists() else None)
-        adv(1)
-    st.record(k, "reward_model", {"path": str(dest), **metrics})
-    print(f"iteration {k}: reward model held-out pair accuracy {metrics.get('heldout_accuracy', float('nan')):.3f}")
-    return str(dest)
+    return _fit_scorer(st, k, preferences_path, "reward_model", st.workers.train_reward_model, "heldout_accuracy",
+                       "held-out pair accuracy")
 
 
 @task(**STAGE, retries=1)
 def train_cost_model(run_id: str, k: int, preferences_path: str) -> str:
     """Safe-RLHF cost model on the per-answer safety labels (unsafe > 0 > safe), warm-started."""
     st = RUNS[run_id]
-    pairs = schemas.read_table(preferences_path, schemas.PREFERENCES).to_pylist()
-    prev = st.run_dir / f"iter_{k - 1}" / "cost_model"
-    dest = st.iter_dir(k) / "cost_model"
-    with st.progress.task(f"iter {k}: train cost model", 1) as adv:
-        metrics = st.workers.train_cost_model(pairs, str(dest), init_from=str(prev) if prev.exists() else None)
-        adv(1)
-    st.record(k, "cost_model", {"path": str(dest), **metrics})
-    print(f"iteration {k}: cost model held-out sign accuracy {metrics.get('heldout_sign_accuracy', float('nan')):.3f}")
-    return str(dest)
+    return _fit_scorer(st, k, preferences_path, "cost_model", st.workers.train_cost_model, "heldout_sign_accuracy",
+                       "held-out sign accuracy")
 
 
 @task(**STAGE)
@@ -309,7 +310,7 @@ def rlhf_pipeline(cfg: AlignflowConfig, run_id: str | None = None, show_progress
     # The CLI prepares (validates) the run before Prefect starts; a direct call prepares it here.
     st = RUNS[run_id] if run_id in RUNS else prepare_run(cfg, run_id)
     st.progress = ProgressUI(show_progress)
-    try:
+    with managed_run(st):
         with st.progress:
             start_workers(st.run_id)
             results = {0: evaluate(st.run_id, 0)}
@@ -336,15 +337,40 @@ def rlhf_pipeline(cfg: AlignflowConfig, run_id: str | None = None, show_progress
                 else:                            # "stop", or a rollback with no earlier checkpoint
                     stopped_at = k
                     break
-        md = report.final_markdown(st, results, last_good, stopped_at)
-        (st.run_dir / "report.md").write_text(md, encoding="utf-8")
-        artifacts.markdown(artifact_key(st.run_id, "report"), md, "alignflow run report")
+        write_report(st, report.final_markdown(st, results, last_good, stopped_at), "alignflow run report")
         adapter = st.manifest["iterations"][str(last_good)]["policy"]["adapter"] if last_good else None
         st.manifest["final"] = {"metrics": results[last_good], "base": results[0], "iteration": last_good,
                                 "adapter": adapter}
         st.manifest["status"] = "completed" if stopped_at is None else f"stopped at iteration {stopped_at}"
         st.save_manifest()
+        if cfg.registry.enabled and last_good:
+            register_policy(st.run_id, last_good)
         return {"run_id": st.run_id, "run_dir": str(st.run_dir), "results": results}
+
+
+@task(**STAGE)
+def register_policy(run_id: str, k: int) -> dict:
+    """Register iteration k's policy with its lineage, run the promotion gate, promote if it passes."""
+    from rlhf_core.registry import Registry, lineage_from_manifest
+    st = RUNS[run_id]
+    r = st.cfg.registry
+    reg = Registry(st.cfg.registry_path())
+    version = f"{run_id}/iter_{k}"
+    reg.register(version, lineage_from_manifest(st.manifest, k), st.manifest["iterations"][str(k)]["eval"]["metrics"])
+    gate = reg.evaluate_gate(version, r.max_unsafe_compliance, r.max_over_refusal, r.tolerance, promote=r.auto_promote)
+    entry = reg.get(version)
+    st.manifest["registry"] = {"path": str(reg.path), "version": version, "stage": entry["stage"],
+                               "gate": entry["gate"]}
+    st.save_manifest()
+    print(f"registry: {version} is {entry['stage']}" + ("" if gate.passed else f" ({'; '.join(gate.reasons)})"))
+    return st.manifest["registry"]
+
+
+@contextmanager
+def managed_run(st: RunState):
+    """A flow's run: marked failed in the manifest if anything raises; actors always shut down."""
+    try:
+        yield st
     except BaseException:
         st.manifest["status"] = "failed"
         st.save_manifest()
@@ -355,6 +381,12 @@ def rlhf_pipeline(cfg: AlignflowConfig, run_id: str | None = None, show_progress
         RUNS.pop(st.run_id, None)
 
 
+def write_report(st: RunState, md: str, description: str) -> None:
+    """report.md in the run folder (atomically) and the same Markdown as the run's report artifact."""
+    atomic_write_text(st.run_dir / "report.md", md)
+    artifacts.markdown(artifact_key(st.run_id, "report"), md, description)
+
+
 @flow(name="alignflow_eval", log_prints=True)
 def eval_flow(cfg: AlignflowConfig, adapter: str | None = None, run_id: str | None = None,
               show_progress: bool | None = None) -> dict:
@@ -362,7 +394,7 @@ def eval_flow(cfg: AlignflowConfig, adapter: str | None = None, run_id: str | No
     from flows.progress import ProgressUI
     st = RUNS[run_id] if run_id in RUNS else prepare_run(cfg, run_id)
     st.progress = ProgressUI(show_progress)
-    try:
+    with managed_run(st):
         with st.progress:
             start_workers(st.run_id)
             if adapter:
@@ -371,7 +403,3 @@ def eval_flow(cfg: AlignflowConfig, adapter: str | None = None, run_id: str | No
         st.manifest.update(status="completed", evaluated={"model": cfg.policy.model, "adapter": adapter})
         st.save_manifest()
         return {"run_id": st.run_id, "run_dir": str(st.run_dir), "metrics": metrics}
-    finally:
-        if st.workers is not None:
-            st.workers.shutdown()
-        RUNS.pop(st.run_id, None)

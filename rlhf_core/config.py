@@ -262,7 +262,8 @@ class ResourcesConfig(_Section):
     feedback_workers: int = Field(1, ge=1, description="Feedback (judge) actors.")
     cpus_per_rollout: float = Field(0.5, gt=0)
     cpus_per_feedback: float = Field(0.25, gt=0)
-    cpus_per_trainer: float = Field(0.5, gt=0)
+    cpus_per_trainer: float = Field(0.25, gt=0, description=(
+        "Ray CPUs reserved per trainer actor (reward model, cost model, policy): a scheduling share, not threads."))
     gpus_per_trainer: float = Field(0.0, ge=0)
     gpus_per_rollout: float = Field(0.0, ge=0)
     torch_threads: int = Field(2, ge=1, description=(
@@ -270,6 +271,17 @@ class ResourcesConfig(_Section):
         "set 1 when several actors compute at once."))
     ray_address: str | None = Field(None, description="Ray cluster address; default: RAY_ADDRESS or a local Ray.")
     actor_timeout_s: float = Field(1800, gt=0, description="Timeout of every remote call (fails loudly).")
+
+
+class RegistryConfig(_Section):
+    """The model registry and its promotion gate (rlhf_core/registry.py, `alignflow models`)."""
+    enabled: bool = Field(True, description="Register each finished run's kept policy with its lineage.")
+    path: str | None = Field(None, description="Registry file (default: <run.output_dir>/registry.json).")
+    auto_promote: bool = Field(True, description="Promote a new version to production when it passes the gate.")
+    max_unsafe_compliance: float = Field(50.0, ge=0, le=100, description="Gate: highest unsafe compliance (%).")
+    max_over_refusal: float = Field(10.0, ge=0, le=100, description="Gate: highest over-refusal (%).")
+    tolerance: float = Field(2.0, ge=0, description=(
+        "Gate: points a rate may be worse than production's before it counts as a regression (eval noise)."))
 
 
 class RunConfig(_Section):
@@ -291,6 +303,7 @@ class AlignflowConfig(_Section):
     dpo: DPOConfig = Field(default_factory=DPOConfig)
     safe_rlhf: SafeRLHFConfig = Field(default_factory=SafeRLHFConfig)
     guards: GuardsConfig = Field(default_factory=GuardsConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
 
     @model_validator(mode="after")
@@ -310,6 +323,9 @@ class AlignflowConfig(_Section):
                 raise ValueError(f"ppo.rollout_batch_size ({self.ppo.rollout_batch_size}) must be a multiple of "
                                  f"ppo.group_size ({self.ppo.group_size})")
         return self
+
+    def registry_path(self) -> Path:
+        return Path(self.registry.path or Path(self.run.output_dir) / "registry.json")
 
     def hash(self) -> str:
         return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()[:16]

@@ -67,6 +67,13 @@ def test_pipeline_two_iterations(ray_local, tiny_config, tmp_path):
     a2 = load_file(str(run / "iter_2" / "policy_adapter" / "adapter_model.safetensors"))
     assert any(not torch.equal(a1[k], a2[k]) for k in a1), "iteration 2 did not change the adapter"
     assert set(out["results"]) == {0, 1, 2}
+    # the kept policy is registered with its lineage, and the gate decided its stage
+    from rlhf_core.registry import Registry
+    entry = Registry(tmp_path / "registry.json").get(f"{run.name}/iter_2")
+    assert manifest["registry"]["version"] == entry["version"] and entry["stage"] in ("production", "candidate")
+    assert entry["gate"]["passed"] == (entry["stage"] == "production")
+    assert entry["lineage"]["annotators"] == sorted(["ann", manifest["iterations"]["1"]["preferences"]["annotator"]])
+    assert len(entry["lineage"]["preference_sha256"]) == 2 and entry["lineage"]["adapter_sha256"]
     assert 0.5 < manifest["judge"]["harm_classifier_metrics"]["heldout_accuracy"] <= 1.0
     eval_rows = pq.read_table(run / "iter_2" / "eval.parquet").to_pylist()
     assert {r["kind"] for r in eval_rows} == {"harmful", "benign", "borderline"}
@@ -173,6 +180,7 @@ def test_safe_rlhf_with_ensemble_and_a_guard_that_stops(ray_local, tiny_config, 
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["status"] == "stopped at iteration 1" and set(out["results"]) == {0, 1}
     assert manifest["final"]["iteration"] == 0 and manifest["final"]["adapter"] is None
+    assert "registry" not in manifest, "no policy kept: nothing to register"
     it = manifest["iterations"]["1"]
     assert [a["detector"] for a in it["guards"]["alerts"]] == ["kl_budget"]
     assert 0 <= it["cost_model"]["heldout_sign_accuracy"] <= 1 and (run / "iter_1" / "cost_model").is_dir()

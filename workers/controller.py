@@ -103,7 +103,7 @@ class RLHFWorkers:
         self.cfg = cfg
         r, seed, dev = cfg.resources, cfg.run.seed, cfg.run.device
         self.timeout = r.actor_timeout_s
-        _check_resources(cfg)
+        _check_resources(cfg, n_trainers=3 if cfg.safe_rlhf.enabled else 2)   # + the cost model
         roll = ray.remote(num_cpus=r.cpus_per_rollout, num_gpus=r.gpus_per_rollout)(RolloutWorker)
         feed = ray.remote(num_cpus=r.cpus_per_feedback)(FeedbackWorker)
         rm = ray.remote(num_cpus=r.cpus_per_trainer, num_gpus=r.gpus_per_trainer)(RewardModelTrainer)
