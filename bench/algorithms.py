@@ -22,7 +22,8 @@ from pathlib import Path
 import psutil
 
 ALGORITHMS = {
-    # name: (ppo overrides, safe_rlhf.enabled)
+    # name: (ppo overrides, safe_rlhf.enabled); "start" evaluates the common supervised checkpoint
+    "start": (None, False),
     "ppo": ({"advantage_estimator": "gae"}, False),
     "grpo": ({"advantage_estimator": "grpo", "kl_penalty": "loss", "loss_agg": "seq-mean-token-mean"}, False),
     "dr_grpo": ({"advantage_estimator": "dr_grpo", "kl_penalty": "loss", "loss_agg": "seq-mean-token-sum-norm"},
@@ -116,7 +117,7 @@ def main() -> None:
                 metrics = st.workers.dpo(p, c, r, cache=None, model_id=st.manifest["models"]["policy"])
                 st.record(k, "dpo", metrics)
                 st.workers.save_policy(str(st.iter_dir(k) / "policy_adapter"))
-            else:
+            elif name != "start":
                 st.workers.configure_policy_update(PPOConfig(**{**base_ppo, **ppo_over}),
                                                    type(cfg.safe_rlhf)(**{**base_safe, "enabled": safe}))
                 update_policy.fn(rid, k)
