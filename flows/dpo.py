@@ -16,7 +16,7 @@ import pyarrow as pa
 from prefect import flow, task
 
 from flows import report
-from flows.pipeline import evaluate, managed_run, prepare_run, start_workers, write_report
+from flows.pipeline import evaluate, managed_run, start_workers, write_report
 from flows.run_state import RUNS, STAGE
 from rlhf_core import schemas
 from rlhf_core.dpo import preference_pairs
@@ -65,18 +65,15 @@ def train_dpo(run_id: str, preferences_path: str) -> dict:
 @flow(name="alignflow_dpo", log_prints=True)
 def dpo_flow(cfg, run_id: str | None = None, show_progress: bool | None = None) -> dict:
     """Evaluate the base, train the adapter by DPO/IPO on `dpo.preferences`, evaluate again."""
-    from flows.progress import ProgressUI
     if not cfg.dpo.preferences:
         raise ValueError("dpo.preferences: no preference file given (alignflow dpo --preferences FILE)")
     read_pairs(cfg.dpo.preferences)      # a bad file fails here, before any actor starts
-    st = RUNS[run_id] if run_id in RUNS else prepare_run(cfg, run_id)
-    st.progress = ProgressUI(show_progress)
-    with managed_run(st):
-        with st.progress:
-            start_workers(st.run_id)
-            results = {0: evaluate(st.run_id, 0)}
-            train_dpo(st.run_id, cfg.dpo.preferences)
-            results[1] = evaluate(st.run_id, 1, use_adapter=True, with_reward_model=False)
+    # The CLI prepares (validates) the run before Prefect starts; a direct call prepares it here.
+    with managed_run(cfg, run_id, show_progress) as st:
+        start_workers(st.run_id)
+        results = {0: evaluate(st.run_id, 0)}
+        train_dpo(st.run_id, cfg.dpo.preferences)
+        results[1] = evaluate(st.run_id, 1, use_adapter=True, with_reward_model=False)
         write_report(st, report.final_markdown(st, results), "alignflow DPO report")
         st.manifest.update(status="completed", final={"metrics": results[1], "base": results[0],
                                                       "adapter": st.manifest["iterations"]["1"]["dpo"]["adapter"]})

@@ -306,37 +306,33 @@ def update_policy(run_id: str, k: int) -> str:
 @flow(name="rlhf_pipeline", log_prints=True)
 def rlhf_pipeline(cfg: AlignflowConfig, run_id: str | None = None, show_progress: bool | None = None) -> dict:
     """Iterated RLHF: generate → feedback → reward model → policy update → evaluate, K times."""
-    from flows.progress import ProgressUI
     # The CLI prepares (validates) the run before Prefect starts; a direct call prepares it here.
-    st = RUNS[run_id] if run_id in RUNS else prepare_run(cfg, run_id)
-    st.progress = ProgressUI(show_progress)
-    with managed_run(st):
-        with st.progress:
-            start_workers(st.run_id)
-            results = {0: evaluate(st.run_id, 0)}
-            last_good, stopped_at = 0, None      # the iteration whose policy is the run's result
-            for k in range(1, cfg.run.iterations + 1):
-                samples = generate_samples(st.run_id, k)
-                preferences = collect_feedback(st.run_id, k, samples)
-                if cfg.feedback.human.enabled:
-                    preferences = collect_human_feedback(st.run_id, k, preferences)
-                if cfg.warmup.enabled and (k == 1 or cfg.warmup.every_iteration):
-                    warm_up_policy(st.run_id, k)
-                train_reward_model(st.run_id, k, preferences)
-                if cfg.safe_rlhf.enabled:
-                    train_cost_model(st.run_id, k, preferences)
-                update_policy(st.run_id, k)
-                results[k] = evaluate(st.run_id, k)
-                alerts = check_reward_hacking(st.run_id, k) if cfg.guards.enabled else []
-                artifacts.markdown(artifact_key(st.run_id, f"iter-{k}"), report.iteration_markdown(st, k),
-                                   f"alignflow iteration {k}")
-                if not alerts or cfg.guards.action == "warn":
-                    last_good = k
-                elif cfg.guards.action == "rollback" and last_good > 0:
-                    roll_back(st.run_id, k, last_good)
-                else:                            # "stop", or a rollback with no earlier checkpoint
-                    stopped_at = k
-                    break
+    with managed_run(cfg, run_id, show_progress) as st:
+        start_workers(st.run_id)
+        results = {0: evaluate(st.run_id, 0)}
+        last_good, stopped_at = 0, None      # the iteration whose policy is the run's result
+        for k in range(1, cfg.run.iterations + 1):
+            samples = generate_samples(st.run_id, k)
+            preferences = collect_feedback(st.run_id, k, samples)
+            if cfg.feedback.human.enabled:
+                preferences = collect_human_feedback(st.run_id, k, preferences)
+            if cfg.warmup.enabled and (k == 1 or cfg.warmup.every_iteration):
+                warm_up_policy(st.run_id, k)
+            train_reward_model(st.run_id, k, preferences)
+            if cfg.safe_rlhf.enabled:
+                train_cost_model(st.run_id, k, preferences)
+            update_policy(st.run_id, k)
+            results[k] = evaluate(st.run_id, k)
+            alerts = check_reward_hacking(st.run_id, k) if cfg.guards.enabled else []
+            artifacts.markdown(artifact_key(st.run_id, f"iter-{k}"), report.iteration_markdown(st, k),
+                               f"alignflow iteration {k}")
+            if not alerts or cfg.guards.action == "warn":
+                last_good = k
+            elif cfg.guards.action == "rollback" and last_good > 0:
+                roll_back(st.run_id, k, last_good)
+            else:                            # "stop", or a rollback with no earlier checkpoint
+                stopped_at = k
+                break
         write_report(st, report.final_markdown(st, results, last_good, stopped_at), "alignflow run report")
         adapter = st.manifest["iterations"][str(last_good)]["policy"]["adapter"] if last_good else None
         st.manifest["final"] = {"metrics": results[last_good], "base": results[0], "iteration": last_good,
@@ -367,10 +363,15 @@ def register_policy(run_id: str, k: int) -> dict:
 
 
 @contextmanager
-def managed_run(st: RunState):
-    """A flow's run: marked failed in the manifest if anything raises; actors always shut down."""
+def managed_run(cfg: AlignflowConfig, run_id: str | None, show_progress: bool | None):
+    """A flow's run state (prepared by the CLI, or here for a direct call), with its progress display
+    open; marked failed in the manifest if anything raises; actors always shut down."""
+    from flows.progress import ProgressUI
+    st = RUNS[run_id] if run_id in RUNS else prepare_run(cfg, run_id)
+    st.progress = ProgressUI(show_progress)
     try:
-        yield st
+        with st.progress:
+            yield st
     except BaseException:
         st.manifest["status"] = "failed"
         st.save_manifest()
@@ -391,15 +392,12 @@ def write_report(st: RunState, md: str, description: str) -> None:
 def eval_flow(cfg: AlignflowConfig, adapter: str | None = None, run_id: str | None = None,
               show_progress: bool | None = None) -> dict:
     """Evaluate `policy.model` (optionally with a saved LoRA adapter) on the held-out sets."""
-    from flows.progress import ProgressUI
-    st = RUNS[run_id] if run_id in RUNS else prepare_run(cfg, run_id)
-    st.progress = ProgressUI(show_progress)
-    with managed_run(st):
-        with st.progress:
-            start_workers(st.run_id)
-            if adapter:
-                st.workers.load_policy(adapter)
-            metrics = evaluate(st.run_id, 0, use_adapter=bool(adapter), with_reward_model=False)
+    # The CLI prepares (validates) the run before Prefect starts; a direct call prepares it here.
+    with managed_run(cfg, run_id, show_progress) as st:
+        start_workers(st.run_id)
+        if adapter:
+            st.workers.load_policy(adapter)
+        metrics = evaluate(st.run_id, 0, use_adapter=bool(adapter), with_reward_model=False)
         st.manifest.update(status="completed", evaluated={"model": cfg.policy.model, "adapter": adapter})
         st.save_manifest()
         return {"run_id": st.run_id, "run_dir": str(st.run_dir), "metrics": metrics}

@@ -22,6 +22,7 @@ import torch
 from rlhf_core import schemas
 from rlhf_core.algorithms import get_preference_loss
 from rlhf_core.policy import Policy
+from rlhf_core.policy_trainer import optimizer_step
 
 REFERENCE_CACHE = pa.schema([
     pa.field("key", pa.string(), nullable=False),
@@ -112,12 +113,8 @@ class DPOTrainer:
         rc = torch.as_tensor(ref_chosen, dtype=pc.dtype, device=pc.device)
         rr = torch.as_tensor(ref_rejected, dtype=pc.dtype, device=pc.device)
         loss, metrics = self.loss.fn(pc, pr, rc, rr, self.cfg.beta, self.cfg.label_smoothing)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"{self.cfg.loss} loss is {loss.item()}")
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([q for q in p.model.parameters() if q.requires_grad], self.cfg.max_grad_norm)
-        self.optimizer.step()
+        optimizer_step(self.optimizer, loss, [q for q in p.model.parameters() if q.requires_grad],
+                       self.cfg.max_grad_norm, f"{self.cfg.loss} loss")
         p.model.eval()
         return {"loss": float(loss.item()), **metrics}
 

@@ -52,6 +52,18 @@ def _trim(batch: RolloutBatch) -> RolloutBatch:
                         batch.response_mask[:, :a1], batch.texts)
 
 
+def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, params, max_grad_norm: float,
+                   what: str) -> None:
+    """One guarded update: a non-finite loss raises (naming `what`) before any weight changes; then
+    backward, gradient-norm clipping and the step. Shared by the supervised, RL and DPO updates."""
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"{what} is {loss.item()}")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+
+
 class PolicyTrainer:
     def __init__(self, policy: Policy, ppo_cfg, seed: int = 0, safe_cfg=None):
         self.policy = policy
@@ -111,12 +123,8 @@ class PolicyTrainer:
         ul_loss = (sequence_unlikelihood_loss(logps[1], nr_mask, unlikelihood_tokens) if use_ul
                    else torch.zeros((), device=p.device))
         loss = sft_loss + unlikelihood_coef * ul_loss
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"warm-up loss is {loss.item()}")
-        self.sft_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([q for q in p.model.parameters() if q.requires_grad], self.cfg.max_grad_norm)
-        self.sft_optimizer.step()
+        optimizer_step(self.sft_optimizer, loss, [q for q in p.model.parameters() if q.requires_grad],
+                       self.cfg.max_grad_norm, "warm-up loss")
         p.model.eval()
         return {"loss": float(loss.item()), "sft_loss": float(sft_loss.item()), "unlikelihood_loss": float(ul_loss.item())}
 
@@ -201,12 +209,8 @@ class PolicyTrainer:
                                              cfg.loss_agg, max_tokens)
                     loss = loss + self.kl_ctl.value * kl_loss
                     stats["kl_loss"].append(kl_loss.item())
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"PPO loss is {loss.item()} at step {self.global_step}")
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                self.optimizer.step()
+                optimizer_step(self.optimizer, loss, params, cfg.max_grad_norm,
+                               f"PPO loss at step {self.global_step}")
                 stats["pg_loss"].append(pg_loss.item())
                 stats["entropy"].append(entropy.item())
                 stats["clipfrac"].append(float(pg_stats["clipfrac"]))
