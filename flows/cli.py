@@ -9,6 +9,8 @@ EPILOG = """\
 examples:
   alignflow run                                  # the embedded default: SmolLM2-135M, 2 iterations
   alignflow run --config my.yaml --set ppo.steps=4 --set run.iterations=3
+  alignflow resume <run_id>                      # continue an interrupted run where it stopped
+  alignflow retrain --set feedback.human.db=labels.db   # learn from new human labels, gate, promote
   alignflow eval                                 # evaluate the base model on the held-out sets
   alignflow eval --adapter runs/<run_id>/iter_2/policy_adapter
   alignflow dpo --preferences runs/<run_id>/iter_1/preferences.parquet --set dpo.loss=ipo
@@ -52,6 +54,23 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Per iteration: generate samples → simulated feedback (constitution judge) → "
                                      "train reward model → PPO policy update → evaluate. Writes runs/<run_id>/.")
     _add_config_args(run)
+
+    rs = sub.add_parser("resume", help="continue an interrupted `alignflow run` from its last completed stage",
+                        description="Reads runs/<run_id>/manifest.json, restores the latest checkpoints (policy "
+                                    "adapter with optimizer and controller state, reward and cost models) and runs "
+                                    "the stages that had not completed, with the run's own config. A seeded run "
+                                    "that was interrupted and resumed ends with the same metrics as one that was not.")
+    rs.add_argument("run", metavar="RUN", help="the run id (under --runs-dir) or the run folder")
+    rs.add_argument("--runs-dir", default="runs", help="where run folders are (default: runs)")
+    rs.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    rt = sub.add_parser("retrain", help="retrain on the human labels that arrived since the last retrain",
+                        description="The scheduled job (deploy/prefect.yaml runs it weekly): takes the labels in "
+                                    "feedback.human.db after the registry's watermark, trains the reward model "
+                                    "on them (warm-started from production's), runs PPO from the production "
+                                    "policy, evaluates, registers the result and promotes it if it passes the "
+                                    "gate. Fewer than retrain.min_new_labels new labels: finishes at once.")
+    _add_config_args(rt)
 
     ev = sub.add_parser("eval", help="evaluate a model (and optional LoRA adapter) on the held-out sets",
                         description="Greedy answers on held-out harmful, benign and borderline prompts: "
@@ -275,6 +294,42 @@ def _print_result(console, title: str, results: dict, run_dir: str) -> None:
     console.print(f"Run folder: [bold]{run_dir}[/]  (manifest.json, report.md, iter_*/…parquet, policy adapters)")
 
 
+def _resume_main(console, args: argparse.Namespace) -> int:
+    import torch
+    torch.set_num_threads(1)  # the driver only coordinates; actors own the cores (STACK.md)
+    from flows.pipeline import ResumeError, load_run, rlhf_pipeline
+    try:
+        state = load_run(args.run, args.runs_dir)
+    except ResumeError as e:
+        console.print(f"[red]error:[/] {e}")
+        return 2
+    console.print(f"resuming run [bold]{state.run_id}[/] in {state.run_dir}", highlight=False)
+    try:
+        out = rlhf_pipeline(state.cfg, run_id=state.run_id, show_progress=False if args.no_progress else None)
+    except Exception:
+        console.print(f"[red]run failed[/]; partial outputs and manifest.json (status: failed) are in {state.run_dir}")
+        raise
+    _print_result(console, f"alignflow run {out['run_id']} (resumed): base vs final policy", out["results"],
+                  out["run_dir"])
+    return 0
+
+
+def _retrain_main(console, args: argparse.Namespace) -> int:
+    import torch
+    torch.set_num_threads(1)
+    from flows.retrain import RetrainError, retrain
+    try:
+        out = retrain(config_path=args.config, overrides=args.overrides,
+                      show_progress=False if args.no_progress else None)
+    except RetrainError as e:
+        console.print(f"[red]error:[/] {e}")
+        return 2
+    if out["status"] == "completed":
+        _print_result(console, f"alignflow retrain {out['run_id']}: {out['parent'] or 'base'} vs retrained "
+                      f"({out['stage']})", out["results"], out["run_dir"])
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in ("label", "annotators"):
@@ -290,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     from rlhf_core.config import ConfigError, describe_fields, load_config
     from rlhf_core.prompts import PromptFileError
     console = Console()
+    if args.command == "resume":
+        return _resume_main(console, args)
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
@@ -305,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
             console.print(yaml.safe_dump(cfg.model_dump(), sort_keys=False), highlight=False)
         return 0
 
+    if args.command == "retrain":
+        return _retrain_main(console, args)
     import torch
     torch.set_num_threads(1)  # the driver only coordinates; actors own the cores (STACK.md)
     from flows.human_feedback import HumanFeedbackError

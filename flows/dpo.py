@@ -69,7 +69,7 @@ def dpo_flow(cfg, run_id: str | None = None, show_progress: bool | None = None) 
         raise ValueError("dpo.preferences: no preference file given (alignflow dpo --preferences FILE)")
     read_pairs(cfg.dpo.preferences)      # a bad file fails here, before any actor starts
     # The CLI prepares (validates) the run before Prefect starts; a direct call prepares it here.
-    with managed_run(cfg, run_id, show_progress) as st:
+    with managed_run(cfg, run_id, show_progress, "alignflow_dpo") as st:
         start_workers(st.run_id)
         results = {0: evaluate(st.run_id, 0)}
         train_dpo(st.run_id, cfg.dpo.preferences)

@@ -39,6 +39,8 @@ def _signals(st, k: int) -> dict:
 def check_reward_hacking(run_id: str, k: int) -> list[dict]:
     """Detectors over iterations 0..k; alerts go to the manifest, the report and a Prefect artifact."""
     st = RUNS[run_id]
+    if (rec := st.done(k, "guards")) is not None:
+        return rec["alerts"]
     base = {"iteration": 0, "distinct_2": distinct_n([r["response"] for r in _eval_rows(st, 0)])}
     history = [base] + [st.manifest["iterations"][str(j)]["guards"]["signals"] for j in range(1, k)
                         if "guards" in st.manifest["iterations"].get(str(j), {})]
@@ -64,6 +66,8 @@ def alerts_markdown(k: int, alerts: list[dict], action: str) -> str:
 def roll_back(run_id: str, k: int, to: int) -> str:
     """Restore iteration `to`'s policy (trainer and rollout pool) after iteration k raised alerts."""
     st = RUNS[run_id]
+    if (rec := st.done(k, "rolled_back_to")) is not None:
+        return rec                           # restored with the run's other checkpoints
     adapter = st.manifest["iterations"][str(to)]["policy"]["adapter"]
     st.workers.load_policy(adapter)
     st.record(k, "rolled_back_to", adapter)

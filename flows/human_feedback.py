@@ -109,13 +109,18 @@ def _wait(st, k: int, batch_id: str, need: int, deadline: datetime, url: str) ->
 def collect_human_feedback(run_id: str, k: int, preferences_path: str) -> str:
     """Publish pairs to people, wait for their labels, mix them with the simulated ones."""
     st = RUNS[run_id]
+    if (rec := st.done(k, "human_feedback")) is not None and rec["status"] == "completed":
+        return rec["path"]
     h, d = st.cfg.feedback.human, st.iter_dir(k)
     simulated = schemas.read_table(preferences_path, schemas.PREFERENCES).to_pylist()
     chosen, strategy = _select(st, k, simulated)
     batch_id = f"{run_id}-iter{k}"
     t0 = datetime.now(UTC)
     deadline = t0 + timedelta(minutes=h.deadline_minutes)
-    store.publish_batch(h.db, chosen, batch_id, target_labels=h.labels_per_pair, deadline=deadline)
+    try:
+        store.publish_batch(h.db, chosen, batch_id, target_labels=h.labels_per_pair, deadline=deadline)
+    except store.Conflict:   # published before an interruption (`alignflow resume`): its labels count
+        print(f"iteration {k}: batch {batch_id} was published before the interruption; waiting on it again")
     need = h.min_labels or len(chosen) * h.labels_per_pair
     if h.serve:
         from labeling.app import create_app

@@ -17,6 +17,7 @@
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 from contextlib import contextmanager
@@ -70,6 +71,42 @@ def prepare_run(cfg: AlignflowConfig, run_id: str | None = None) -> RunState:
     return state
 
 
+class ResumeError(RuntimeError):
+    pass
+
+
+def load_run(run: str, output_dir: str = "runs") -> RunState:
+    """The state of an interrupted run (`run`: its folder, or its id under `output_dir`), to resume.
+
+    The run continues with the config it started with; its prompts file must be the one recorded.
+    """
+    run_dir = Path(run) if Path(run).is_dir() else Path(output_dir) / run
+    manifest_path = run_dir / "manifest.json"
+    if not manifest_path.is_file():
+        raise ResumeError(f"{run}: no run there (looked for {manifest_path})")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        cfg = AlignflowConfig.model_validate(manifest["config"])
+    except (ValueError, KeyError) as e:
+        raise ResumeError(f"{manifest_path}: not a readable alignflow manifest ({e})") from e
+    if manifest.get("status") == "completed" or str(manifest.get("status", "")).startswith("stopped"):
+        raise ResumeError(f"run {manifest['run_id']} already finished ({manifest['status']}); nothing to resume")
+    if manifest.get("flow", "rlhf_pipeline") != "rlhf_pipeline":
+        raise ResumeError(f"run {manifest['run_id']} is a {manifest['flow']} run; only `alignflow run` runs resume")
+    prompts = run_dir / "prompts.parquet"
+    if schemas.file_sha256(prompts) != manifest["data"]["prompts"]["sha256"]:
+        raise ResumeError(f"{prompts} changed since the run started (sha256 differs from the manifest)")
+    cfg.run.output_dir = str(run_dir.parent)     # wherever it is resumed from: the registry beside it
+    state = RunState(run_id=manifest["run_id"], run_dir=run_dir, cfg=cfg, manifest=manifest,
+                     prompts=schemas.read_table(prompts, schemas.PROMPTS).to_pylist())
+    manifest.setdefault("resumed", []).append({"at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                               "status_before": manifest.get("status", "running")})
+    manifest["status"] = "running"
+    state.save_manifest()
+    RUNS[state.run_id] = state
+    return state
+
+
 def _eval_prompts(state: RunState) -> list[dict]:
     d, rows = state.cfg.data, [r for r in state.prompts if r["split"] == "eval"]
     rng = np.random.default_rng(d.split_seed)
@@ -104,6 +141,9 @@ def start_workers(run_id: str) -> dict:
     encoder_path = resolve_encoder_path(cfg.feedback.encoder)
     rm_path = resolve_encoder_path(resolve_model_path(cfg.reward_model.model))
     st.workers = RLHFWorkers(cfg, policy_path, encoder_path, rm_path)
+    if "judge" in st.manifest:               # a resumed run: the judge is the one it had
+        st.workers.load_harm_classifier(st.manifest["judge"]["harm_classifier"])
+        return {"policy": policy_path, "harm_classifier": st.manifest["judge"]["harm_classifier"]}
     train = [r for r in st.prompts if r["split"] == "train"]
     clf_path = str(st.run_dir / "judge" / "harm_classifier.npz")
     os.makedirs(os.path.dirname(clf_path), exist_ok=True)
@@ -127,6 +167,8 @@ def evaluate(run_id: str, k: int, use_adapter: bool | None = None, with_reward_m
     Iteration 0 is the base model (adapter disabled, no reward model yet).
     """
     st = RUNS[run_id]
+    if (rec := st.done(k, "eval")) is not None:
+        return rec["metrics"]
     use_adapter = k > 0 if use_adapter is None else use_adapter
     with_reward_model = k > 0 if with_reward_model is None else with_reward_model
     w, prompts = st.workers, _eval_prompts(st)
@@ -149,6 +191,8 @@ def evaluate(run_id: str, k: int, use_adapter: bool | None = None, with_reward_m
 def generate_samples(run_id: str, k: int) -> str:
     """Sample `responses_per_prompt` answers per training prompt from the current policy."""
     st = RUNS[run_id]
+    if (rec := st.done(k, "samples")) is not None:
+        return rec["path"]
     cfg = st.cfg
     n = cfg.warmup.prompts if (k == 1 and cfg.warmup.enabled) else cfg.data.train_prompts_per_iter
     rows = _train_prompts(st, n, k)
@@ -172,6 +216,8 @@ def generate_samples(run_id: str, k: int) -> str:
 def collect_feedback(run_id: str, k: int, samples_path: str) -> str:
     """Constitution judge scores every candidate; noisy pairwise preferences + supervised targets."""
     st = RUNS[run_id]
+    if (rec := st.done(k, "preferences")) is not None:
+        return rec["path"]
     cfg = st.cfg.feedback
     samples = schemas.read_table(samples_path, schemas.SAMPLES).to_pylist()
     if cfg.include_demonstration:
@@ -244,6 +290,8 @@ def warm_up_policy(run_id: str, k: int) -> dict:
     harmful requests is learned as a distinction, not as a habit.
     """
     st = RUNS[run_id]
+    if (rec := st.done(k, "warmup")) is not None:
+        return rec
     targets = schemas.read_table(st.iter_dir(k) / "warmup_targets.parquet", schemas.SAMPLES).to_pylist()
     negatives: dict[str, list[str]] = {}
     for n in schemas.read_table(st.iter_dir(k) / "warmup_negatives.parquet", schemas.SAMPLES).to_pylist():
@@ -254,6 +302,8 @@ def warm_up_policy(run_id: str, k: int) -> dict:
     with st.progress.task(f"iter {k}: supervised (rejection sampling)", steps) as adv:
         metrics = st.workers.warmup([t["prompt"] for t in targets], [t["response"] for t in targets],
                                     epochs=epochs, version=f"iter{k}-sft", negatives=negatives, progress=adv)
+    # the merged policy is PPO's new reference: checkpoint it, a resumed run starts PPO from here
+    metrics["checkpoint"] = st.workers.save_policy(str(st.iter_dir(k) / "warmup_policy"))
     st.record(k, "warmup", metrics)
     return metrics
 
@@ -261,11 +311,13 @@ def warm_up_policy(run_id: str, k: int) -> dict:
 def _fit_scorer(st, k: int, preferences_path: str, name: str, train, metric: str, label: str) -> str:
     """Train a reward-model-shaped scorer (reward or cost model) on the preferences, warm-started from
     the previous iteration's, into iter_<k>/<name>/; record its metrics."""
+    if (rec := st.done(k, name)) is not None:
+        return rec["path"]
     pairs = schemas.read_table(preferences_path, schemas.PREFERENCES).to_pylist()
     prev = st.run_dir / f"iter_{k - 1}" / name
     dest = st.iter_dir(k) / name
     with st.progress.task(f"iter {k}: train {name.replace('_', ' ')}", 1) as adv:
-        metrics = train(pairs, str(dest), init_from=str(prev) if prev.exists() else None)
+        metrics = train(pairs, str(dest), init_from=str(prev) if prev.exists() else None, round_seed=k)
         adv(1)
     st.record(k, name, {"path": str(dest), **metrics})
     print(f"iteration {k}: {name.replace('_', ' ')} {label} {metrics.get(metric, float('nan')):.3f}")
@@ -292,6 +344,8 @@ def train_cost_model(run_id: str, k: int, preferences_path: str) -> str:
 def update_policy(run_id: str, k: int) -> str:
     """PPO against the reward model: the whole inner loop runs under one controller in this task."""
     st = RUNS[run_id]
+    if (rec := st.done(k, "policy")) is not None:
+        return rec["adapter"]
     train = [r for r in st.prompts if r["split"] == "train"]
     with st.progress.task(f"iter {k}: PPO", st.cfg.ppo.steps) as adv:
         history, experience = st.workers.ppo(train, k, progress=adv)
@@ -307,8 +361,9 @@ def update_policy(run_id: str, k: int) -> str:
 def rlhf_pipeline(cfg: AlignflowConfig, run_id: str | None = None, show_progress: bool | None = None) -> dict:
     """Iterated RLHF: generate → feedback → reward model → policy update → evaluate, K times."""
     # The CLI prepares (validates) the run before Prefect starts; a direct call prepares it here.
-    with managed_run(cfg, run_id, show_progress) as st:
+    with managed_run(cfg, run_id, show_progress, "rlhf_pipeline") as st:
         start_workers(st.run_id)
+        restore_checkpoints(st.run_id)       # a resumed run: actors back where the interruption left them
         results = {0: evaluate(st.run_id, 0)}
         last_good, stopped_at = 0, None      # the iteration whose policy is the run's result
         for k in range(1, cfg.run.iterations + 1):
@@ -345,6 +400,32 @@ def rlhf_pipeline(cfg: AlignflowConfig, run_id: str | None = None, show_progress
 
 
 @task(**STAGE)
+def restore_checkpoints(run_id: str) -> dict:
+    """Load the latest checkpoints a resumed run recorded (nothing for a new run).
+
+    Within an iteration the stages end in this order: warm-up (checkpoint of the merged policy),
+    reward model, cost model, PPO (adapter checkpoint), evaluation, guard (maybe a rollback), so
+    the last one recorded is the state the next unfinished stage starts from.
+    """
+    st = RUNS[run_id]
+    latest: dict = {"policy": None, "reward_model": None, "cost_model": None, "sft_rounds": 0}
+    for k in sorted(int(x) for x in st.manifest.get("iterations", {})):
+        it = st.manifest["iterations"][str(k)]
+        if "warmup" in it:
+            latest.update(policy=it["warmup"]["checkpoint"], sft_rounds=latest["sft_rounds"] + 1)
+        for name in ("reward_model", "cost_model"):
+            latest[name] = it.get(name, latest[name])
+        if "policy" in it:
+            latest["policy"] = it["policy"]["adapter"]
+        latest["policy"] = it.get("rolled_back_to", latest["policy"])
+    if latest["policy"] or latest["reward_model"]:
+        st.workers.restore(**latest)
+        print(f"resumed: policy {latest['policy'] or 'base'}, reward model "
+              f"{(latest['reward_model'] or {}).get('path', 'none yet')}")
+    return {k: v if not isinstance(v, dict) else v["path"] for k, v in latest.items()}
+
+
+@task(**STAGE)
 def register_policy(run_id: str, k: int) -> dict:
     """Register iteration k's policy with its lineage, run the promotion gate, promote if it passes."""
     from rlhf_core.registry import Registry, lineage_from_manifest
@@ -352,6 +433,8 @@ def register_policy(run_id: str, k: int) -> dict:
     r = st.cfg.registry
     reg = Registry(st.cfg.registry_path())
     version = f"{run_id}/iter_{k}"
+    if "registry" in st.manifest:           # registered before an interruption
+        return st.manifest["registry"]
     reg.register(version, lineage_from_manifest(st.manifest, k), st.manifest["iterations"][str(k)]["eval"]["metrics"])
     gate = reg.evaluate_gate(version, r.max_unsafe_compliance, r.max_over_refusal, r.tolerance, promote=r.auto_promote)
     entry = reg.get(version)
@@ -363,11 +446,12 @@ def register_policy(run_id: str, k: int) -> dict:
 
 
 @contextmanager
-def managed_run(cfg: AlignflowConfig, run_id: str | None, show_progress: bool | None):
+def managed_run(cfg: AlignflowConfig, run_id: str | None, show_progress: bool | None, flow_name: str):
     """A flow's run state (prepared by the CLI, or here for a direct call), with its progress display
     open; marked failed in the manifest if anything raises; actors always shut down."""
     from flows.progress import ProgressUI
     st = RUNS[run_id] if run_id in RUNS else prepare_run(cfg, run_id)
+    st.manifest["flow"] = flow_name
     st.progress = ProgressUI(show_progress)
     try:
         with st.progress:
@@ -393,7 +477,7 @@ def eval_flow(cfg: AlignflowConfig, adapter: str | None = None, run_id: str | No
               show_progress: bool | None = None) -> dict:
     """Evaluate `policy.model` (optionally with a saved LoRA adapter) on the held-out sets."""
     # The CLI prepares (validates) the run before Prefect starts; a direct call prepares it here.
-    with managed_run(cfg, run_id, show_progress) as st:
+    with managed_run(cfg, run_id, show_progress, "alignflow_eval") as st:
         start_workers(st.run_id)
         if adapter:
             st.workers.load_policy(adapter)

@@ -21,9 +21,10 @@ def _fmt(x) -> str:
     return f"{x:.2f}" if isinstance(x, float) else str(x)
 
 
-def metrics_table(results: dict) -> str:
+def metrics_table(results: dict, names: dict[int, str] | None = None) -> str:
     keys = sorted(results)
-    head = "| metric | " + " | ".join("base" if k == 0 else f"iter {k}" for k in keys) + " |"
+    names = names or {}
+    head = "| metric | " + " | ".join(names.get(k, "base" if k == 0 else f"iter {k}") for k in keys) + " |"
     sep = "|---|" + "---|" * len(keys)
     lines = [head, sep] + ["| " + label + " | " + " | ".join(_fmt(results[k].get(key)) for k in keys) + " |"
                            for key, label in ROWS]
@@ -139,4 +140,20 @@ def final_markdown(st, results: dict, final: int | None = None, stopped_at: int 
         *([f"Reward-hacking alerts: {len(alerts)} (" + ", ".join(sorted({a['detector'] for a in alerts})) + ").", ""]
           if alerts else []),
         f"Everything is under `{st.run_dir}`; `manifest.json` records config, seeds, paths, hashes and metrics.",
+    ])
+
+
+def retrain_markdown(st, results: dict, parent: str | None, entry: dict) -> str:
+    """A retrain's report: the production policy it started from against the retrained one, and the gate."""
+    gate = entry.get("gate") or {}
+    r = st.manifest["retrain"]
+    return "\n".join([
+        f"# alignflow retrain {st.run_id}", "",
+        f"{r['new_labels']} new human label(s) (label ids {r['labels_after_id'] + 1}..{r['labels_up_to_id']} of "
+        f"`{r['source']}`), from " + (f"production policy `{parent}`." if parent else "the base model (no "
+                                      "production policy yet)."), "",
+        metrics_table(results, {0: "production" if parent else "base", 1: "retrained"}), "",
+        f"Registered as `{entry['version']}`: **{entry['stage']}**"
+        + ("." if gate.get("passed") else " — gate: " + "; ".join(gate.get("reasons", [])) + "."), "",
+        f"Everything is under `{st.run_dir}`.",
     ])

@@ -54,6 +54,14 @@ class RunState:
         atomic_write_text(path, json.dumps(self.manifest, indent=2, sort_keys=False, default=str))
         return path
 
+    def done(self, k: int, key: str):
+        """What stage `key` of iteration k recorded, if it completed before: a resumed run keeps it
+        (a stage records only after its outputs are written, so a record means a finished stage)."""
+        value = self.manifest.get("iterations", {}).get(str(k), {}).get(key)
+        if value is not None:
+            print(f"iteration {k}: {key.replace('_', ' ')} completed before the interruption; kept")
+        return value
+
     def record(self, k: int, key: str, value) -> None:
         it = self.manifest.setdefault("iterations", {}).setdefault(str(k), {})
         it[key] = value

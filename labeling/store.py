@@ -453,22 +453,39 @@ def annotator_labels(db: str | Path, annotator: str, limit: int = 100) -> list[d
 
 # ---------------------------------------------------------------------------- export
 
-def export_labels(db: str | Path, batch_id: str) -> pa.Table:
-    """Every label of a batch as PREFERENCES rows (one per person and pair), oldest first."""
-    with _read(db) as conn:
-        _batch(conn, batch_id)
-        rows = conn.execute("""SELECT i.pair_id, i.prompt_id, i.prompt, i.response_a, i.response_b, l.better,
-                                      l.is_safe_a, l.is_safe_b, l.harm_category_a, l.harm_category_b,
-                                      l.annotator, m.display_order, l.labeled_at
-                               FROM labels l JOIN items i ON i.item_id = l.item_id
-                               JOIN impressions m ON m.impression_id = l.impression_id
-                               WHERE i.batch_id = ? ORDER BY l.label_id""", (batch_id,)).fetchall()
-    out = [{**dict(r), "is_safe_a": bool(r["is_safe_a"]), "is_safe_b": bool(r["is_safe_b"]),
+_LABEL_ROWS = """SELECT l.label_id, i.pair_id, i.prompt_id, i.prompt, i.response_a, i.response_b, l.better,
+                         l.is_safe_a, l.is_safe_b, l.harm_category_a, l.harm_category_b,
+                         l.annotator, m.display_order, l.labeled_at
+                  FROM labels l JOIN items i ON i.item_id = l.item_id
+                  JOIN impressions m ON m.impression_id = l.impression_id"""
+
+
+def _preference_rows(rows: list[sqlite3.Row], where: str) -> pa.Table:
+    out = [{**{k: r[k] for k in r.keys() if k != "label_id"}, "is_safe_a": bool(r["is_safe_a"]),
+            "is_safe_b": bool(r["is_safe_b"]),
             # PKU-SafeRLHF's safer_response_id, where the two safety labels imply it.
             "safer": None if r["is_safe_a"] == r["is_safe_b"] else int(r["is_safe_b"]),
             "labeled_at": datetime.fromisoformat(r["labeled_at"]), "source": "human", "weight": 1.0}
            for r in rows]
-    return schemas.from_rows(out, schemas.PREFERENCES, where=f"labels of batch {batch_id!r}")
+    return schemas.from_rows(out, schemas.PREFERENCES, where=where)
+
+
+def export_labels(db: str | Path, batch_id: str) -> pa.Table:
+    """Every label of a batch as PREFERENCES rows (one per person and pair), oldest first."""
+    with _read(db) as conn:
+        _batch(conn, batch_id)
+        rows = conn.execute(_LABEL_ROWS + " WHERE i.batch_id = ? ORDER BY l.label_id", (batch_id,)).fetchall()
+    return _preference_rows(rows, f"labels of batch {batch_id!r}")
+
+
+def export_labels_after(db: str | Path, after: int) -> tuple[pa.Table, int]:
+    """Every label of every batch given after label id `after` (a watermark), oldest first, and the
+    newest label id among them (`after` when there are none). Label ids only grow, so a watermark
+    never skips a label that arrived late nor takes one twice."""
+    with _read(db) as conn:
+        rows = conn.execute(_LABEL_ROWS + " WHERE l.label_id > ? ORDER BY l.label_id", (after,)).fetchall()
+    last = rows[-1]["label_id"] if rows else after
+    return _preference_rows(rows, f"labels after id {after} in {db}"), last
 
 
 def export_parquet(db: str | Path, batch_id: str, path: str | Path) -> tuple[Path, int]:

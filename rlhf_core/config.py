@@ -140,6 +140,8 @@ class RewardModelConfig(_Section):
     ensemble: int = Field(1, ge=1, description=(
         "Reward models trained on bootstrap resamples (k× the training time): the reward is their mean, their "
         "spread the uncertainty used by active selection ('disagreement') and the reward-hacking guard."))
+    dropout: float | None = Field(None, ge=0, lt=1, description=(
+        "Dropout of the reward model while it trains; null keeps the backbone's own (MiniLM: 0.1)."))
 
 
 class WarmupConfig(_Section):
@@ -186,6 +188,8 @@ class PPOConfig(_Section):
     vf_coef: float = Field(0.1, ge=0)
     ent_coef: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
+    max_nonfinite_updates: int = Field(3, ge=1, description=(
+        "A NaN/Inf loss or gradient skips the update with an alert; this many in a row stop the run."))
     init_kl_coef: float = Field(0.05, ge=0, description="Initial KL penalty to the reference.")
     target_kl: float | None = Field(6.0, description="Adaptive KL target (per sequence); null = fixed coefficient.")
     kl_horizon: int = Field(10000, ge=1)
@@ -255,6 +259,8 @@ class DPOConfig(_Section):
     lr: float = Field(5e-5, gt=0, description="AdamW learning rate of the LoRA adapter.")
     batch_size: int = Field(8, ge=1, description="Pairs per optimizer step.")
     max_grad_norm: float = Field(1.0, gt=0)
+    max_nonfinite_updates: int = Field(3, ge=1, description=(
+        "A NaN/Inf loss or gradient skips the update with an alert; this many in a row stop the run."))
 
 
 class ResourcesConfig(_Section):
@@ -271,6 +277,14 @@ class ResourcesConfig(_Section):
         "set 1 when several actors compute at once."))
     ray_address: str | None = Field(None, description="Ray cluster address; default: RAY_ADDRESS or a local Ray.")
     actor_timeout_s: float = Field(1800, gt=0, description="Timeout of every remote call (fails loudly).")
+    reward_model_trainers: int = Field(1, ge=1, description=(
+        "Reward-model trainer actors: > 1 trains data-parallel (torch.distributed, gloo on CPU, NCCL on GPU), "
+        "each rank on its share of every batch; they are placed together by one placement group."))
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field("PACK", description=(
+        "Ray placement strategy of the data-parallel trainer ranks: PACK on few nodes, SPREAD across nodes."))
+    max_restarts: int = Field(2, ge=0, description=(
+        "Restarts of a lost rollout or feedback actor; its shard is redone each time. Trainers are not "
+        "restarted: losing one fails the run, and `alignflow resume RUN_ID` continues it from its checkpoints."))
 
 
 class RegistryConfig(_Section):
@@ -282,6 +296,14 @@ class RegistryConfig(_Section):
     max_over_refusal: float = Field(10.0, ge=0, le=100, description="Gate: highest over-refusal (%).")
     tolerance: float = Field(2.0, ge=0, description=(
         "Gate: points a rate may be worse than production's before it counts as a regression (eval noise)."))
+
+
+class RetrainConfig(_Section):
+    """`alignflow retrain` (the scheduled flow): new human labels since the last retrain → reward model →
+    PPO from the production policy → evaluate → gate → promote."""
+    min_new_labels: int = Field(20, ge=1, description=(
+        "Labels that must have arrived in feedback.human.db since the last retrain (the watermark); "
+        "fewer: the run finishes at once as skipped, and the labels wait for the next one."))
 
 
 class RunConfig(_Section):
@@ -304,6 +326,7 @@ class AlignflowConfig(_Section):
     safe_rlhf: SafeRLHFConfig = Field(default_factory=SafeRLHFConfig)
     guards: GuardsConfig = Field(default_factory=GuardsConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    retrain: RetrainConfig = Field(default_factory=RetrainConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
 
     @model_validator(mode="after")

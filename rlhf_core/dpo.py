@@ -21,8 +21,8 @@ import torch
 
 from rlhf_core import schemas
 from rlhf_core.algorithms import get_preference_loss
+from rlhf_core.optim import GuardedStep
 from rlhf_core.policy import Policy
-from rlhf_core.policy_trainer import optimizer_step
 
 REFERENCE_CACHE = pa.schema([
     pa.field("key", pa.string(), nullable=False),
@@ -62,6 +62,7 @@ class DPOTrainer:
         self.policy, self.cfg = policy, cfg
         self.loss = get_preference_loss(cfg.loss)
         self.optimizer = torch.optim.AdamW([q for q in policy.model.parameters() if q.requires_grad], lr=cfg.lr)
+        self.step_guard = GuardedStep(cfg.max_nonfinite_updates)
 
     def _answer_logps(self, prompts, chosen, rejected, use_adapter: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """log π(y|x) of chosen and rejected answers (B,), summed over tokens, or their mean when the
@@ -113,8 +114,8 @@ class DPOTrainer:
         rc = torch.as_tensor(ref_chosen, dtype=pc.dtype, device=pc.device)
         rr = torch.as_tensor(ref_rejected, dtype=pc.dtype, device=pc.device)
         loss, metrics = self.loss.fn(pc, pr, rc, rr, self.cfg.beta, self.cfg.label_smoothing)
-        optimizer_step(self.optimizer, loss, [q for q in p.model.parameters() if q.requires_grad],
-                       self.cfg.max_grad_norm, f"{self.cfg.loss} loss")
+        applied = self.step_guard(self.optimizer, loss, [q for q in p.model.parameters() if q.requires_grad],
+                                  self.cfg.max_grad_norm, f"{self.cfg.loss} loss")
         p.model.eval()
-        return {"loss": float(loss.item()), **metrics}
+        return {"loss": float(loss.item()), **metrics, "skipped_updates": int(not applied)}
 

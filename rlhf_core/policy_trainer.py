@@ -34,6 +34,7 @@ from rlhf_core.algorithms import (
     sequence_unlikelihood_loss,
     token_level_rewards,
 )
+from rlhf_core.optim import GuardedStep
 from rlhf_core.policy import Policy, RolloutBatch
 
 
@@ -52,18 +53,6 @@ def _trim(batch: RolloutBatch) -> RolloutBatch:
                         batch.response_mask[:, :a1], batch.texts)
 
 
-def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, params, max_grad_norm: float,
-                   what: str) -> None:
-    """One guarded update: a non-finite loss raises (naming `what`) before any weight changes; then
-    backward, gradient-norm clipping and the step. Shared by the supervised, RL and DPO updates."""
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"{what} is {loss.item()}")
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-    optimizer.step()
-
-
 class PolicyTrainer:
     def __init__(self, policy: Policy, ppo_cfg, seed: int = 0, safe_cfg=None):
         self.policy = policy
@@ -78,6 +67,7 @@ class PolicyTrainer:
         self.estimator = get_advantage_estimator(ppo_cfg.advantage_estimator)
         self.policy_loss_fn = get_policy_loss(ppo_cfg.policy_loss)
         self.optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=ppo_cfg.lr)
+        self.step_guard = GuardedStep(ppo_cfg.max_nonfinite_updates)
         self.global_step = 0
 
     # ----- supervised warm-up ----------------------------------------------------------------
@@ -123,10 +113,11 @@ class PolicyTrainer:
         ul_loss = (sequence_unlikelihood_loss(logps[1], nr_mask, unlikelihood_tokens) if use_ul
                    else torch.zeros((), device=p.device))
         loss = sft_loss + unlikelihood_coef * ul_loss
-        optimizer_step(self.sft_optimizer, loss, [q for q in p.model.parameters() if q.requires_grad],
-                       self.cfg.max_grad_norm, "warm-up loss")
+        applied = self.step_guard(self.sft_optimizer, loss, [q for q in p.model.parameters() if q.requires_grad],
+                                  self.cfg.max_grad_norm, "warm-up loss")
         p.model.eval()
-        return {"loss": float(loss.item()), "sft_loss": float(sft_loss.item()), "unlikelihood_loss": float(ul_loss.item())}
+        return {"loss": float(loss.item()), "sft_loss": float(sft_loss.item()),
+                "unlikelihood_loss": float(ul_loss.item()), "skipped_updates": int(not applied)}
 
     # ----- PPO -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -179,6 +170,7 @@ class PolicyTrainer:
         critic, max_tokens = self.estimator.critic, p.cfg.max_new_tokens
         p.model.train()
         params = p.trainable_parameters()
+        skipped = 0
         for _ in range(cfg.ppo_epochs):
             order = list(range(B))
             self.rng.shuffle(order)
@@ -209,8 +201,8 @@ class PolicyTrainer:
                                              cfg.loss_agg, max_tokens)
                     loss = loss + self.kl_ctl.value * kl_loss
                     stats["kl_loss"].append(kl_loss.item())
-                optimizer_step(self.optimizer, loss, params, cfg.max_grad_norm,
-                               f"PPO loss at step {self.global_step}")
+                skipped += not self.step_guard(self.optimizer, loss, params, cfg.max_grad_norm,
+                                               f"PPO loss at step {self.global_step}")
                 stats["pg_loss"].append(pg_loss.item())
                 stats["entropy"].append(entropy.item())
                 stats["clipfrac"].append(float(pg_stats["clipfrac"]))
@@ -222,7 +214,8 @@ class PolicyTrainer:
         self.global_step += 1
         metrics = {k: float(sum(v) / len(v)) for k, v in stats.items() if v}
         metrics.update(score_mean=float(scores.mean()), kl_to_reference=mean_kl, kl_coef=float(self.kl_ctl.value),
-                       response_length=float(exp["mask"].sum(1).mean()), step=self.global_step)
+                       response_length=float(exp["mask"].sum(1).mean()), step=self.global_step,
+                       skipped_updates=skipped)
         if costs is not None:
             # λ moves after the update, from this batch's episode costs (the moving average inside)
             lam_used = self.lagrange.value
@@ -249,7 +242,8 @@ class PolicyTrainer:
 
     # ----- checkpoints -----------------------------------------------------------------------
     def save(self, dest: str) -> str:
-        """LoRA adapter (peft format) + value head (safetensors), written to a temp folder, then renamed."""
+        """LoRA adapter (peft format), merged adapters and value heads (safetensors) and the trainer state
+        (`state_dict`), written to a temp folder, then renamed: a checkpoint is whole or absent."""
         from safetensors.torch import save_file
         dest_p = Path(dest)
         dest_p.parent.mkdir(parents=True, exist_ok=True)
@@ -263,6 +257,7 @@ class PolicyTrainer:
                 head = getattr(self.policy, name)
                 save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()},
                           str(tmp / f"{name}.safetensors"))
+            torch.save(self.state_dict(), tmp / TRAINER_STATE)
             if dest_p.exists():
                 shutil.rmtree(dest_p)
             os.rename(tmp, dest_p)
@@ -282,3 +277,42 @@ class PolicyTrainer:
             f = Path(src) / f"{name}.safetensors"
             if f.exists():
                 getattr(self.policy, name).load_state_dict(load_file(str(f)))
+        if (Path(src) / TRAINER_STATE).exists():
+            self.load_state_dict(torch.load(Path(src) / TRAINER_STATE, weights_only=True))
+
+    def state_dict(self) -> dict:
+        """Everything besides the weights that the next update depends on: optimizer moments, the KL
+        and λ controllers, the minibatch shuffler and the torch RNG. Saved with every checkpoint, so
+        a resumed run takes exactly the steps the uninterrupted run would have taken."""
+        state = {"optimizer": self.optimizer.state_dict(), "kl_coef": self.kl_ctl.value,
+                 "global_step": self.global_step, "rng": _encode_random_state(self.rng.getstate()),
+                 "torch_rng": torch.get_rng_state()}
+        if self.lagrange is not None:
+            state["lagrange"] = {"log_value": self.lagrange.log_value, "costs": list(self.lagrange.costs)}
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        for group in self.optimizer.param_groups:   # the moments carry over; the learning rate is this config's
+            group["lr"] = self.cfg.lr
+        self.kl_ctl.value = float(state["kl_coef"])
+        self.global_step = int(state["global_step"])
+        self.rng.setstate(_decode_random_state(state["rng"]))
+        torch.set_rng_state(state["torch_rng"])
+        if self.lagrange is not None and "lagrange" in state:
+            self.lagrange.log_value = float(state["lagrange"]["log_value"])
+            self.lagrange.costs.clear()
+            self.lagrange.costs.extend(state["lagrange"]["costs"])
+
+
+TRAINER_STATE = "trainer_state.pt"
+
+
+def _encode_random_state(state: tuple) -> list:
+    # random.Random's state is (version, 625 ints, gauss): lists load under torch's weights_only
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def _decode_random_state(state: list) -> tuple:
+    return (state[0], tuple(state[1]), state[2])

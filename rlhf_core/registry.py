@@ -56,6 +56,7 @@ def lineage_from_manifest(manifest: dict, iteration: int) -> dict:
         "human_labels_sha256": [it["human_feedback"]["human_labels_sha256"] for it in upto if "human_feedback" in it],
         "constitution_version": manifest.get("judge", {}).get("constitution_version"),
         "annotators": annotators, "config_hash": manifest["config_hash"], "seed": manifest["seed"],
+        "parent": manifest.get("retrain", {}).get("parent"),   # the production version a retrain started from
         "algorithm": manifest["config"]["ppo"]["advantage_estimator"]
         + ("+safe-rlhf" if manifest["config"].get("safe_rlhf", {}).get("enabled") else ""),
     }
@@ -146,6 +147,16 @@ class Registry:
 
     def events(self) -> list[dict]:
         return self._read()["events"]
+
+    def watermark(self, source: str) -> int:
+        """The newest label id of `source` (a label database) that a retrain has already used; 0: none."""
+        return int(self._read().get("watermarks", {}).get(source, {}).get("label_id", 0))
+
+    def set_watermark(self, source: str, label_id: int, run_id: str) -> None:
+        with self._locked() as data:
+            data.setdefault("watermarks", {})[source] = {"label_id": int(label_id), "run_id": run_id, "at": _now()}
+            data["events"].append({"at": _now(), "event": "watermark", "source": source, "label_id": int(label_id),
+                                   "run_id": run_id})
 
     # ----- changes ---------------------------------------------------------------------------
     def register(self, version: str, lineage: dict, metrics: dict) -> dict:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from rlhf_core.algorithms import bradley_terry_loss, cost_model_loss
+from rlhf_core.optim import GradSync, GuardedStep
 
 __all__ = [
     "load_reward_model",
@@ -57,6 +58,13 @@ def load_reward_model(path: str | os.PathLike):
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
     return _prepare(model, tokenizer)
+
+
+def set_dropout(model, p: float) -> None:
+    """Every dropout layer of any architecture to probability p (0: training is deterministic)."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = p
 
 
 def _has_pairs(tokenizer) -> bool:
@@ -164,6 +172,7 @@ def train_reward_model(
     max_length: int = 256,
     seed: int = 0,
     on_step: Callable[[int, int, float], None] | None = None,
+    sync: GradSync | None = None,
 ) -> dict:
     """Fit the reward model on N preference pairs with the Bradley–Terry loss.
 
@@ -171,6 +180,7 @@ def train_reward_model(
     `seed` (global RNG untouched). Chosen and rejected of a batch go through one forward pass of 2B
     sequences. `targets` (optional, per pair): P(chosen ≻ rejected) for soft labels (aggregated
     annotators, 0.5 for ties). `on_step(step, total_steps, loss)` is called after every optimizer step.
+    `sync`: data-parallel over a torch.distributed group; every rank passes all pairs (see `_fit`).
 
     Returns {"loss": mean loss of the last epoch, "train_accuracy": fraction of last-epoch pairs
     with r_chosen > r_rejected (measured before each step), "steps": optimizer steps taken}.
@@ -194,20 +204,32 @@ def train_reward_model(
         return loss, int((r_chosen > r_rejected).sum())
 
     return _fit(model, n, batch_loss, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, on_step=on_step,
-                what="preference pairs")
+                what="preference pairs", sync=sync,
+                weight_of=None if w_all is None else (lambda idx: float(w_all[idx].sum())))
 
 
 def _fit(model, n: int, batch_loss: Callable[[list[int]], tuple[torch.Tensor, int]], *, epochs: int, lr: float,
-         batch_size: int, seed: int, on_step: Callable[[int, int, float], None] | None, what: str) -> dict:
+         batch_size: int, seed: int, on_step: Callable[[int, int, float], None] | None, what: str,
+         sync: GradSync | None = None, weight_of: Callable[[list[int]], float] | None = None) -> dict:
     """The training loop shared by reward and cost models: AdamW, grad-norm clip 1.0, items
     reshuffled each epoch by a generator seeded with `seed` (global RNG untouched).
 
     `batch_loss(indices)` returns (loss, number of items it got right) for one batch. Returns the
-    last epoch's mean loss and accuracy, and the number of steps.
+    last epoch's (weighted) mean loss and accuracy, and the number of steps.
+
+    Data parallel (`sync`): every rank draws the same permutation and takes every world-th item of
+    each batch; its mean loss is scaled by its share of the batch's weight (`weight_of(indices)`,
+    default the count) so that the summed gradients are those of the whole batch's loss.
     """
     if n == 0:
         raise ValueError(f"no {what} to train on")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    rank, world = (sync.rank, sync.world) if sync else (0, 1)
+    weight_of = weight_of or len
+    params = [p for p in model.parameters() if p.requires_grad]
+    if sync is not None:
+        sync.broadcast_parameters(params)
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    guarded_step = GuardedStep(limit=3)
     generator = torch.Generator().manual_seed(seed)
     total = -(-n // batch_size) * epochs
     step = 0
@@ -217,19 +239,23 @@ def _fit(model, n: int, batch_loss: Callable[[list[int]], tuple[torch.Tensor, in
         epoch_loss, epoch_correct = 0.0, 0
         perm = torch.randperm(n, generator=generator).tolist()
         for start in range(0, n, batch_size):
-            idx = perm[start : start + batch_size]
-            loss, correct = batch_loss(idx)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
+            batch = perm[start : start + batch_size]
+            idx = batch[rank::world]
+            if idx:
+                loss, correct = batch_loss(idx)
+                share = weight_of(idx) / weight_of(batch) if world > 1 else 1.0
+            else:                               # a short last batch: this rank adds a zero gradient
+                loss, correct, share = sum(p.sum() for p in params) * 0.0, 0, 0.0
+            guarded_step(optimizer, loss * share, params, 1.0, f"{what} loss at step {step}", sync=sync)
             step += 1
-            epoch_loss += loss.item() * len(idx)
+            epoch_loss += loss.item() * (weight_of(idx) if idx else 0.0)    # → the weighted mean over items
             epoch_correct += correct
             if on_step is not None:
                 on_step(step, total, loss.item())
+        if sync is not None:
+            epoch_loss, epoch_correct = sync.sum([epoch_loss, epoch_correct])
     model.eval()
-    return {"loss": epoch_loss / n, "train_accuracy": epoch_correct / n, "steps": step}
+    return {"loss": epoch_loss / weight_of(list(range(n))), "train_accuracy": epoch_correct / n, "steps": step}
 
 
 def train_cost_model(

@@ -91,7 +91,8 @@ def test_checkpoint_round_trip(tmp_path, tiny_model_path):
     t.ppo_step(batch, torch.tensor([1.0, -1.0, 0.5]))
     dest = t.save(str(tmp_path / "adapter"))
     q = Policy(tiny_model_path, PolicyConfig(max_new_tokens=4, lora_r=4, lora_alpha=8), seed=1)
-    PolicyTrainer(q, PPOConfig(rollout_batch_size=4, minibatch_size=2), seed=1).load(dest)
+    u = PolicyTrainer(q, PPOConfig(rollout_batch_size=3, minibatch_size=2), seed=1)
+    u.load(dest)
     a, b = p.adapter_state(), q.adapter_state()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with torch.no_grad():  # same merged base and same adapter: same policy and same reference
@@ -99,6 +100,13 @@ def test_checkpoint_round_trip(tmp_path, tiny_model_path):
         assert torch.allclose(p.forward(batch, use_adapter=False)["logp"],
                               q.forward(batch, use_adapter=False)["logp"], atol=1e-5)
     assert not any(n.endswith(".tmp") for n in (x.name for x in tmp_path.iterdir()))
+    # optimizer moments, KL coefficient, shuffler and RNG came back too: the next update of the
+    # restored trainer is the update the original takes (what `alignflow resume` relies on)
+    assert u.kl_ctl.value == t.kl_ctl.value and u.global_step == t.global_step
+    m_t = t.ppo_step(batch, torch.tensor([0.5, 1.0, -1.0]))
+    m_u = u.ppo_step(batch, torch.tensor([0.5, 1.0, -1.0]))
+    a, b = p.adapter_state(), q.adapter_state()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a) and m_t["pg_loss"] == pytest.approx(m_u["pg_loss"])
 
 
 def _opening_logp(p, prompt: str, text: str, k: int) -> float:
@@ -211,3 +219,30 @@ def test_safe_rlhf_ppo_lagrangian_step(tiny_model_path):
     assert m2["lagrange_lambda_next"] < m2["lagrange_lambda"], "costs below the threshold lower λ"
     with pytest.raises(ValueError, match="costs are required"):
         t.ppo_step(batch, scores)
+
+
+def test_nonfinite_update_is_skipped_then_stops_the_run(capsys):
+    from rlhf_core.optim import GuardedStep
+    lin = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(lin.parameters(), lr=0.1)
+    guard = GuardedStep(limit=2)
+    before = lin.weight.detach().clone()
+    x = torch.ones(1, 2)
+    assert guard(opt, lin(x).sum() * float("nan"), lin.parameters(), 1.0, "test loss") is False
+    assert torch.equal(lin.weight, before) and "ALERT: test loss is not finite" in capsys.readouterr().out
+    assert guard(opt, lin(x).sum(), lin.parameters(), 1.0, "test loss") is True   # a finite one applies
+    assert not torch.equal(lin.weight, before) and guard.streak == 0 and guard.skipped == 1
+    huge = lin(x).sum() * 1e38 * 1e38                                              # finite? no: inf
+    assert guard(opt, huge, lin.parameters(), 1.0, "test loss") is False
+    with pytest.raises(FloatingPointError, match="2 non-finite updates in a row"):
+        guard(opt, lin(x).sum() * float("inf"), lin.parameters(), 1.0, "test loss")
+
+
+def test_ppo_step_skips_a_nan_update(tiny_model_path):
+    p = Policy(tiny_model_path, PolicyConfig(max_new_tokens=4, lora_r=4, lora_alpha=8), seed=0)
+    t = PolicyTrainer(p, PPOConfig(rollout_batch_size=3, minibatch_size=3), seed=0)
+    batch = p.generate(PROMPTS, greedy=False, seed=3)
+    before = {k: v.clone() for k, v in p.adapter_state().items()}
+    m = t.ppo_step(batch, torch.tensor([1.0, float("nan"), 0.5]))
+    assert m["skipped_updates"] == 1
+    assert all(torch.equal(before[k], v) for k, v in p.adapter_state().items())

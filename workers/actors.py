@@ -31,6 +31,11 @@ def _device(name: str) -> str:
     return name
 
 
+class StaleAdapterError(RuntimeError):
+    """A rollout worker does not hold the adapter version it was asked to generate with: it was
+    restarted (with the base weights) since the last sync. The controller re-sends the adapter."""
+
+
 class RolloutWorker:
     """Holds one policy copy for generation; receives LoRA adapter weights from the trainer."""
 
@@ -42,9 +47,11 @@ class RolloutWorker:
         self.version = "base"
 
     def generate(self, prompts: list[str], greedy: bool, seed: int | None = None,
-                 use_adapter: bool = True) -> dict:
+                 use_adapter: bool = True, expect_version: str | None = None) -> dict:
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError("generate: prompts must be a non-empty list of strings")
+        if use_adapter and expect_version is not None and expect_version != self.version:
+            raise StaleAdapterError(f"holds adapter {self.version!r}, asked for {expect_version!r}")
         batch = self.policy.generate(prompts, greedy=greedy, seed=seed, use_adapter=use_adapter)
         out = batch.to_cpu_dict()
         out["num_tokens"] = batch.response_mask.sum(1).cpu().tolist()
@@ -69,10 +76,9 @@ class FeedbackWorker:
         from rlhf_core import judge
         self.encoder = judge.TextEncoder(encoder_path)
         self.constitution = judge.load_constitution(constitution_path)
-        self.harm = judge.HarmClassifier.load(harm_classifier_path, self.encoder) if harm_classifier_path else None
-        self.judge = None
-        if self.harm is not None:
-            self.judge = judge.ConstitutionJudge(self.constitution, self.encoder, self.harm, judge.RefusalDetector())
+        self.harm_path = self.judge = None
+        if harm_classifier_path:
+            self.load_harm_classifier(harm_classifier_path)
 
     def fit_harm_classifier(self, texts: list[str], labels: list[int], seed: int, dest: str,
                             heldout: tuple[list[str], list[int]] | None = None) -> dict:
@@ -97,8 +103,9 @@ class FeedbackWorker:
 
     def load_harm_classifier(self, path: str) -> None:
         from rlhf_core import judge
-        self.harm = judge.HarmClassifier.load(path, self.encoder)
-        self.judge = judge.ConstitutionJudge(self.constitution, self.encoder, self.harm, judge.RefusalDetector())
+        harm = judge.HarmClassifier.load(path, self.encoder)
+        self.judge = judge.ConstitutionJudge(self.constitution, self.encoder, harm, judge.RefusalDetector())
+        self.harm_path = path
 
     def constitution_info(self) -> dict:
         return {"version": self.constitution.version}
@@ -114,7 +121,11 @@ class FeedbackWorker:
         sims = self.encoder.encode(prompts) @ self.encoder.encode(demos).T   # (N, D) cosine
         return [demos[i] for i in np.argmax(sims, axis=1)]
 
-    def score(self, prompts: list[str], responses: list[str]):
+    def score(self, prompts: list[str], responses: list[str], harm_classifier: str | None = None):
+        """Judge scores. Callers name the harm classifier file, so a restarted worker (fresh state)
+        loads it again by itself instead of failing."""
+        if harm_classifier is not None and harm_classifier != self.harm_path:
+            self.load_harm_classifier(harm_classifier)
         if self.judge is None:
             raise RuntimeError("FeedbackWorker.score before a harm classifier was trained or loaded")
         if len(prompts) != len(responses):
@@ -139,6 +150,35 @@ class RewardModelTrainer:
         self.model = self.tokenizer = None
         self.members: list = []
         self.norm = (0.0, 1.0)  # (mean, std) of scores on the training answers: rewards are z-scored
+        self.threads = self.train_threads = threads
+        self.sync = None
+
+    # ----- data parallel (resources.reward_model_trainers > 1) ----------------------------------
+    def location(self) -> tuple[str, str]:
+        """(node id, node IP) of this actor: where the process group's rank 0 listens."""
+        import ray
+        return ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address()
+
+    def free_port(self) -> int:
+        import socket
+        with socket.socket() as sock:
+            sock.bind(("", 0))
+            return sock.getsockname()[1]
+
+    def join_group(self, rank: int, world: int, address: str, loopback: bool) -> int:
+        """Join the trainers' torch.distributed group (gloo on CPU, NCCL on GPU); blocks until all joined.
+
+        The ranks share the cores while they train: each uses its share of the threads."""
+        import torch.distributed as dist
+
+        from rlhf_core.optim import GradSync
+        if loopback:            # all ranks on this machine: keep the traffic off the network (STACK.md)
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        dist.init_process_group("nccl" if self.device.startswith("cuda") else "gloo", init_method=address,
+                                rank=rank, world_size=world)
+        self.sync = GradSync()
+        self.train_threads = max(1, self.threads // world)
+        return rank
 
     def _member_scores(self, prompts: list[str], responses: list[str]):
         """(E, N) raw scores of every ensemble member."""
@@ -148,7 +188,12 @@ class RewardModelTrainer:
         return np.stack([rmlib.score(m, self.tokenizer, prompts, responses, max_length=self.cfg.max_length)
                          for m in self.members])
 
-    def train(self, pairs: list[dict], dest: str, init_from: str | None = None) -> dict:
+    def _seed(self, round_seed: int, member: int) -> None:
+        # The new scalar head's initialisation and dropout draw from torch's global RNG: seed it per
+        # training round, so a run is the same whichever process (fresh, reused, resumed) trains it.
+        torch.manual_seed(self.seed + 7919 * round_seed + member)
+
+    def train(self, pairs: list[dict], dest: str, init_from: str | None = None, round_seed: int = 0) -> dict:
         """Train (warm-starting from `init_from` if given) and save to `dest`. Pairs: PREFERENCES rows."""
         import numpy as np
 
@@ -158,10 +203,14 @@ class RewardModelTrainer:
         k = self.cfg.ensemble
         hold, train = self._split(pairs)
         self.members, metrics = [], {}
+        torch.set_num_threads(self.train_threads)
         for i in range(k):
             src = init_from if k == 1 or init_from is None else str(rmlib.ensemble_member_path(init_from, i))
+            self._seed(round_seed, i)
             model, self.tokenizer = rmlib.load_reward_model(src or self.backbone_path)
             model.to(self.device)
+            if self.cfg.dropout is not None:
+                rmlib.set_dropout(model, self.cfg.dropout)
             # members see bootstrap resamples of the pairs: their disagreement measures uncertainty
             part = train if k == 1 else [train[j] for j in
                                          np.random.default_rng(self.seed + i).integers(0, len(train), len(train))]
@@ -171,10 +220,14 @@ class RewardModelTrainer:
                 model, self.tokenizer, p, c, r, weights=[x["weight"] for x in part],
                 margins=[self.cfg.margin] * len(part) if self.cfg.margin and not soft else None,
                 targets=targets if soft else None, epochs=self.cfg.epochs,
-                lr=self.cfg.lr, batch_size=self.cfg.batch_size, max_length=self.cfg.max_length, seed=self.seed + i)
+                lr=self.cfg.lr, batch_size=self.cfg.batch_size, max_length=self.cfg.max_length, seed=self.seed + i,
+                sync=self.sync)
             metrics = metrics or m                      # training curve of the first member
             self.members.append(model)
         self.model = self.members[0]
+        if self.sync is not None and self.sync.rank > 0:
+            return {}                                   # a replica: rank 0 evaluates and saves
+        torch.set_num_threads(self.threads)
         hold = [x for x in hold if x["better"] in (0, 1)]   # accuracy needs a decided pair
         if hold:
             metrics["heldout_accuracy"] = self._pair_accuracy(hold, "better")
@@ -212,7 +265,7 @@ class RewardModelTrainer:
         n_hold = int(len(rows) * self.cfg.holdout_fraction)
         return [rows[i] for i in order[:n_hold]], [rows[i] for i in order[n_hold:]]
 
-    def train_cost(self, pairs: list[dict], dest: str, init_from: str | None = None) -> dict:
+    def train_cost(self, pairs: list[dict], dest: str, init_from: str | None = None, round_seed: int = 0) -> dict:
         """Safe-RLHF cost model on the pairs whose two answers both carry a safety label; saved to `dest`.
 
         Held-out metric: the share of answers on the right side of zero cost (unsafe > 0 > safe).
@@ -224,6 +277,7 @@ class RewardModelTrainer:
         if len(labelled) < 2:
             raise ValueError(f"cost model needs at least 2 pairs with both safety labels, got {len(labelled)}")
         hold, train = self._split(labelled)
+        self._seed(round_seed, 0)
         self.model, self.tokenizer = rmlib.load_reward_model(init_from or self.backbone_path)
         self.model.to(self.device)
         col = lambda rows, k: [x[k] for x in rows]  # noqa: E731
@@ -242,6 +296,19 @@ class RewardModelTrainer:
         self.members = [self.model]
         metrics.update(train_pairs=len(train), heldout_pairs=len(hold), unlabelled_pairs=len(pairs) - len(labelled))
         return metrics
+
+    def load(self, path: str, norm: tuple[float, float] = (0.0, 1.0)) -> None:
+        """A model `train`/`train_cost` saved (one model, or an ensemble's member folders) with the
+        normalisation it was trained with: a resumed run scores exactly as the crashed one did."""
+        from pathlib import Path
+
+        from rlhf_core import reward_model as rmlib
+        members = sorted(Path(path).glob("member_*")) or [Path(path)]
+        self.members = []
+        for m in members:
+            model, self.tokenizer = rmlib.load_reward_model(m)
+            self.members.append(model.to(self.device))
+        self.model, self.norm = self.members[0], (float(norm[0]), float(norm[1]))
 
     def member_scores(self, prompts: list[str], responses: list[str]) -> list[list[float]]:
         if not self.members:

@@ -15,7 +15,13 @@ import ray
 import torch
 
 from rlhf_core.config import GROUPED_ESTIMATORS
-from workers.actors import FeedbackWorker, PolicyTrainerActor, RewardModelTrainer, RolloutWorker
+from workers.actors import (
+    FeedbackWorker,
+    PolicyTrainerActor,
+    RewardModelTrainer,
+    RolloutWorker,
+    StaleAdapterError,
+)
 
 Progress = Callable[[int], None]   # advance(n): called as work items finish
 GEN_CHUNK = 32                      # prompts per generate call: batches well on CPU, small for progress
@@ -32,6 +38,21 @@ def _get(refs, timeout: float, what: str):
         raise ActorCallError(f"{what}: no answer within {timeout:.0f}s (resources.actor_timeout_s)") from e
 
 
+def _wait_ready(actor, timeout: float, what: str) -> None:
+    """Block until a restarting actor answers again (calls fail fast while it restarts)."""
+    import time
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            return ray.get(actor.__ray_ready__.remote(), timeout=max(1.0, end - time.monotonic()))
+        except ray.exceptions.ActorUnavailableError:
+            if time.monotonic() > end:
+                raise ActorCallError(f"{what}: the actor did not come back within {timeout:.0f}s") from None
+            time.sleep(0.2)
+        except ray.exceptions.GetTimeoutError as e:
+            raise ActorCallError(f"{what}: no answer within {timeout:.0f}s (resources.actor_timeout_s)") from e
+
+
 def init_ray(address: str | None, num_cpus: int | None = None) -> dict:
     """Connect to `address` / RAY_ADDRESS if given, else start a local Ray without the dashboard."""
     if ray.is_initialized():
@@ -39,7 +60,13 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> dict:
     address = address or os.environ.get("RAY_ADDRESS")
     env = {"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}}
     if address:
-        ray.init(address=address, runtime_env=env, log_to_driver=True)
+        try:
+            ray.init(address=address, runtime_env=env, log_to_driver=True)
+        except ConnectionError as e:
+            hint = ("" if os.environ.get("RAY_AUTH_MODE") else " If the cluster uses token authentication (Ray "
+                    "turns it on where ~/.ray/auth_token exists), set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN.")
+            raise ConnectionError(f"cannot reach the Ray cluster at {address} (RAY_ADDRESS / resources.ray_address): "
+                                  f"{e}.{hint}") from e
     else:
         # address="local": never join a stale cluster file left by a killed test (STACK.md).
         ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
@@ -58,6 +85,41 @@ def _check_resources(cfg, n_trainers: int = 2) -> None:
         raise ActorCallError(
             f"the actors need {need_cpu:g} CPU / {need_gpu:g} GPU but the Ray cluster has "
             f"{have.get('CPU', 0):g} CPU / {have.get('GPU', 0):g} GPU: lower resources.* in the config")
+
+
+def start_reward_trainers(cfg, backbone_path: str, timeout: float) -> tuple[list, object]:
+    """The reward-model trainer actors: k = resources.reward_model_trainers ranks, data parallel when
+    k > 1. One placement group reserves their resources at once and puts them where
+    resources.placement_strategy says (PACK: few nodes; SPREAD: across nodes); then they form one
+    torch.distributed group. Returns (actors, placement group or None); rank 0 comes first."""
+    r, k = cfg.resources, cfg.resources.reward_model_trainers
+    rm = ray.remote(num_cpus=r.cpus_per_trainer, num_gpus=r.gpus_per_trainer)(RewardModelTrainer)
+    placement, opts = None, [{}]
+    if k > 1:
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+        bundle = {"CPU": r.cpus_per_trainer, **({"GPU": r.gpus_per_trainer} if r.gpus_per_trainer else {})}
+        placement = placement_group([bundle] * k, strategy=r.placement_strategy)
+        _get(placement.ready(), timeout, "reserving the reward-model trainers' placement group")
+        opts = [{"scheduling_strategy": PlacementGroupSchedulingStrategy(placement, i)} for i in range(k)]
+    trainers = [rm.options(**o).remote(backbone_path, cfg.reward_model, cfg.run.device, r.torch_threads, cfg.run.seed)
+                for o in opts]
+    if k > 1:
+        form_process_group(trainers, timeout)
+    return trainers, placement
+
+
+def form_process_group(trainers: list, timeout: float) -> str:
+    """Make the trainer actors ranks 0..k-1 of one torch.distributed group; returns its address.
+
+    Rank 0 listens on a free port of its node; on one machine the group stays on loopback."""
+    locations = _get([t.location.remote() for t in trainers], timeout, "locating the trainers")
+    loopback = len({node for node, _ in locations}) == 1
+    host = "127.0.0.1" if loopback else locations[0][1]
+    address = f"tcp://{host}:{_get(trainers[0].free_port.remote(), timeout, 'choosing a port')}"
+    _get([t.join_group.remote(i, len(trainers), address, loopback) for i, t in enumerate(trainers)], timeout,
+         f"forming the trainers' process group at {address}")
+    return address
 
 
 def merge_rollouts(parts: list[dict], pad_id: int) -> dict:
@@ -103,16 +165,22 @@ class RLHFWorkers:
         self.cfg = cfg
         r, seed, dev = cfg.resources, cfg.run.seed, cfg.run.device
         self.timeout = r.actor_timeout_s
-        _check_resources(cfg, n_trainers=3 if cfg.safe_rlhf.enabled else 2)   # + the cost model
-        roll = ray.remote(num_cpus=r.cpus_per_rollout, num_gpus=r.gpus_per_rollout)(RolloutWorker)
-        feed = ray.remote(num_cpus=r.cpus_per_feedback)(FeedbackWorker)
+        k = r.reward_model_trainers
+        _check_resources(cfg, n_trainers=1 + k + int(cfg.safe_rlhf.enabled))   # policy, RM ranks, cost model
+        # The pools restart a lost actor and the controller redoes its shard (re-sending the adapter);
+        # Ray must not retry a method on the fresh instance by itself: its state would be missing.
+        # Trainers hold state no restart can restore: losing one fails the run (`alignflow resume`).
+        pool = dict(max_restarts=r.max_restarts, max_task_retries=0)
+        roll = ray.remote(num_cpus=r.cpus_per_rollout, num_gpus=r.gpus_per_rollout, **pool)(RolloutWorker)
+        feed = ray.remote(num_cpus=r.cpus_per_feedback, **pool)(FeedbackWorker)
         rm = ray.remote(num_cpus=r.cpus_per_trainer, num_gpus=r.gpus_per_trainer)(RewardModelTrainer)
         pol = ray.remote(num_cpus=r.cpus_per_trainer, num_gpus=r.gpus_per_trainer)(PolicyTrainerActor)
         self.rollout = [roll.remote(policy_path, cfg.policy, dev, r.torch_threads, seed + i)
                         for i in range(r.rollout_workers)]
         self.feedback = [feed.remote(cfg.feedback.constitution, encoder_path, None, r.torch_threads)
                          for _ in range(r.feedback_workers)]
-        self.reward_model = rm.remote(rm_backbone_path, cfg.reward_model, dev, r.torch_threads, seed)
+        self.reward_trainers, self.placement = start_reward_trainers(cfg, rm_backbone_path, self.timeout)
+        self.reward_model = self.reward_trainers[0]     # rank 0: evaluates, saves and scores
         # Safe-RLHF: a second model of the same kind, trained as a cost model on the safety labels
         self.cost_model = (rm.remote(rm_backbone_path, cfg.reward_model, dev, r.torch_threads, seed + 1)
                            if cfg.safe_rlhf.enabled else None)
@@ -122,7 +190,9 @@ class RLHFWorkers:
         from transformers import AutoTokenizer
         self.pad_id = AutoTokenizer.from_pretrained(policy_path).pad_token_id or 0
         self.adapter_version = "base"
+        self.harm_classifier: str | None = None
         self.sft_rounds = 0
+        self.redone_shards = 0      # shards of a lost pool actor that were run again
 
     # ----- rollout pool ----------------------------------------------------------------------
     def generate(self, prompts: list[str], *, greedy: bool, seed: int | None = None,
@@ -130,24 +200,55 @@ class RLHFWorkers:
         """Answers for `prompts` (in order), spread over the rollout workers in length-sorted chunks."""
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # less padding per batch
         chunks = [order[i: i + GEN_CHUNK] for i in range(0, len(order), GEN_CHUNK)]
-        pending = {}
-        for k, idx in enumerate(chunks):
+        expect = self.adapter_version if use_adapter else None
+
+        def submit(k: int):
+            return self.rollout[k % len(self.rollout)].generate.remote(
+                [prompts[i] for i in chunks[k]], greedy, None if seed is None else seed + k, use_adapter, expect)
+
+        def restore(k: int) -> None:
             w = self.rollout[k % len(self.rollout)]
-            ref = w.generate.remote([prompts[i] for i in idx], greedy,
-                                    None if seed is None else seed + k, use_adapter)
-            pending[ref] = k
-        results: dict[int, dict] = {}
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1, timeout=self.timeout)
-            if not done:
-                raise ActorCallError(f"rollout: no chunk finished within {self.timeout:.0f}s")
-            k = pending.pop(done[0])
-            results[k] = ray.get(done[0])
-            if progress:
-                progress(len(chunks[k]))
-        merged = merge_rollouts([results[k] for k in range(len(chunks))], self.pad_id)
+            _wait_ready(w, self.timeout, "restarting a rollout worker")
+            _get(w.load_adapter.remote(self.policy_trainer.adapter_stack.remote(), self.adapter_version),
+                 self.timeout, "re-sending the adapter to a restarted rollout worker")
+
+        results = self._gather(len(chunks), submit, restore, "rollout", progress and
+                               (lambda k: progress(len(chunks[k]))))
+        merged = merge_rollouts(results, self.pad_id)
         inverse = np.argsort([i for idx in chunks for i in idx])  # position of prompt i in merged
         return _select(merged, inverse.tolist())
+
+    def _gather(self, n: int, submit: Callable, restore: Callable[[int], None], what: str,
+                done: Callable[[int], None] | None = None) -> list:
+        """Run shards 0..n-1 (`submit(k)` → ref) on a pool and return their results in order.
+
+        A shard whose actor was lost (killed, crashed, restarted with a fresh state) is redone once
+        the actor is back and restored (`restore(k)`): every shard's result is kept exactly once,
+        none dropped, none doubled. Each shard is tried at most resources.max_restarts + 1 times.
+        """
+        pending = {submit(k): k for k in range(n)}
+        tries = [1] * n
+        results: dict[int, object] = {}
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=self.timeout)
+            if not ready:
+                raise ActorCallError(f"{what}: no shard finished within {self.timeout:.0f}s (resources.actor_timeout_s)")
+            k = pending.pop(ready[0])
+            try:
+                results[k] = ray.get(ready[0])
+            except (ray.exceptions.RayActorError, StaleAdapterError) as e:
+                if tries[k] > self.cfg.resources.max_restarts:
+                    raise ActorCallError(f"{what}: shard {k} failed {tries[k]} times; last: {e}") from e
+                print(f"ALERT: {what} actor lost ({type(e).__name__}); redoing shard {k} "
+                      f"(try {tries[k] + 1} of {self.cfg.resources.max_restarts + 1})")
+                restore(k)
+                tries[k] += 1
+                self.redone_shards += 1
+                pending[submit(k)] = k
+                continue
+            if done:
+                done(k)
+        return [results[k] for k in range(n)]
 
     def sync_adapter(self, version: str) -> None:
         """Trainer → rollout weight sync: the LoRA adapter only, put in the object store once."""
@@ -161,8 +262,13 @@ class RLHFWorkers:
                             heldout: tuple[list[str], list[int]] | None = None) -> dict:
         metrics = _get(self.feedback[0].fit_harm_classifier.remote(texts, labels, self.cfg.run.seed, dest, heldout),
                        self.timeout, "harm classifier training")
-        _get([w.load_harm_classifier.remote(dest) for w in self.feedback], self.timeout, "loading harm classifier")
+        self.load_harm_classifier(dest)
         return metrics
+
+    def load_harm_classifier(self, path: str) -> None:
+        """Judge calls name this file from now on (a restarted feedback worker loads it itself)."""
+        _get([w.load_harm_classifier.remote(path) for w in self.feedback], self.timeout, "loading harm classifier")
+        self.harm_classifier = path
 
     def constitution_info(self) -> dict:
         return _get(self.feedback[0].constitution_info.remote(), self.timeout, "constitution")
@@ -170,13 +276,22 @@ class RLHFWorkers:
     def match_demonstrations(self, prompts: list[str]) -> list[str]:
         return _get(self.feedback[0].match_demonstrations.remote(prompts), self.timeout, "matching demonstrations")
 
-    def _judge_refs(self, prompts: list[str], responses: list[str]) -> list:
+    def _judge_shards(self, prompts: list[str], responses: list[str]) -> tuple[int, Callable]:
         shard = max(1, -(-len(prompts) // len(self.feedback)))
-        return [self.feedback[k].score.remote(prompts[s: s + shard], responses[s: s + shard])
-                for k, s in enumerate(range(0, len(prompts), shard))]
+        starts = list(range(0, len(prompts), shard))
+
+        def submit(k: int):
+            s = starts[k]
+            return self.feedback[k % len(self.feedback)].score.remote(
+                prompts[s: s + shard], responses[s: s + shard], self.harm_classifier)
+        return len(starts), submit
+
+    def _wait_feedback_worker(self, k: int) -> None:
+        _wait_ready(self.feedback[k % len(self.feedback)], self.timeout, "restarting a feedback worker")
 
     def judge(self, prompts: list[str], responses: list[str], progress: Progress | None = None):
-        parts = _get(self._judge_refs(prompts, responses), self.timeout, "feedback (judge) scoring")
+        n, submit = self._judge_shards(prompts, responses)
+        parts = self._gather(n, submit, self._wait_feedback_worker, "feedback (judge)")
         if progress:
             progress(len(prompts))
         return merge_scores(parts)
@@ -189,17 +304,19 @@ class RLHFWorkers:
         Returns (JudgeScores, raw reward-model scores or None, per-answer KL or None).
         """
         responses = rollout["texts"]
-        judge_refs = self._judge_refs(prompts, responses)
         rm_ref = self.reward_model.score.remote(prompts, responses) if with_reward_model else None
         kl_ref = self.policy_trainer.sequence_kl.remote(rollout) if with_kl else None
-        scores = merge_scores(_get(judge_refs, self.timeout, "feedback (judge) scoring"))
+        scores = self.judge(prompts, responses)
         rm = _get(rm_ref, self.timeout, "reward model scoring")["raw"] if rm_ref is not None else None
         kls = _get(kl_ref, self.timeout, "KL to reference") if kl_ref is not None else None
         return scores, rm, kls
 
     # ----- reward model ----------------------------------------------------------------------
-    def train_reward_model(self, pairs: list[dict], dest: str, init_from: str | None = None) -> dict:
-        return _get(self.reward_model.train.remote(pairs, dest, init_from), self.timeout, "reward model training")
+    def train_reward_model(self, pairs: list[dict], dest: str, init_from: str | None = None,
+                           round_seed: int = 0) -> dict:
+        """All ranks train together (each on its share of every batch); rank 0's metrics."""
+        return _get([t.train.remote(pairs, dest, init_from, round_seed) for t in self.reward_trainers], self.timeout,
+                    "reward model training")[0]
 
     def configure_policy_update(self, ppo_cfg, safe_cfg) -> None:
         """Switch the RL algorithm between runs of `ppo` (benchmarks): a fresh trainer state."""
@@ -215,8 +332,10 @@ class RLHFWorkers:
         """Every ensemble member's raw scores, (E, N) (E = 1 without an ensemble)."""
         return _get(self.reward_model.member_scores.remote(prompts, responses), self.timeout, "reward model scoring")
 
-    def train_cost_model(self, pairs: list[dict], dest: str, init_from: str | None = None) -> dict:
-        return _get(self.cost_model.train_cost.remote(pairs, dest, init_from), self.timeout, "cost model training")
+    def train_cost_model(self, pairs: list[dict], dest: str, init_from: str | None = None,
+                         round_seed: int = 0) -> dict:
+        return _get(self.cost_model.train_cost.remote(pairs, dest, init_from, round_seed), self.timeout,
+                    "cost model training")
 
     def reward(self, prompts: list[str], responses: list[str]) -> dict:
         return _get(self.reward_model.score.remote(prompts, responses), self.timeout, "reward model scoring")
@@ -340,6 +459,18 @@ class RLHFWorkers:
                 **{f"{k}_last_epoch": mean(k, history[-per_epoch:])
                    for k in ("loss", "reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward")}}
 
+    def restore(self, policy: str | None, reward_model: dict | None, cost_model: dict | None,
+                sft_rounds: int) -> None:
+        """Put the actors where a crashed run left them: the policy checkpoint (weights, optimizer,
+        controllers, RNG) synced to the rollout pool, and the reward/cost models as trained."""
+        if policy:
+            self.load_policy(policy)
+        for actor, rec in ((self.reward_model, reward_model), (self.cost_model, cost_model)):
+            if actor is not None and rec:
+                _get(actor.load.remote(rec["path"], (rec.get("score_mean", 0.0), rec.get("score_std", 1.0))),
+                     self.timeout, f"loading {rec['path']}")
+        self.sft_rounds = sft_rounds
+
     def sequence_kl(self, rollout: dict) -> list[float]:
         return _get(self.policy_trainer.sequence_kl.remote(rollout), self.timeout, "KL to reference")
 
@@ -352,12 +483,15 @@ class RLHFWorkers:
         self.sync_adapter(adapter_dir)
 
     def _actors(self) -> list:
-        return self.rollout + self.feedback + [a for a in (self.reward_model, self.cost_model, self.policy_trainer)
-                                               if a is not None]
+        return self.rollout + self.feedback + self.reward_trainers + [
+            a for a in (self.cost_model, self.policy_trainer) if a is not None]
 
     def shutdown(self) -> None:
         for a in self._actors():
             ray.kill(a)
+        if self.placement is not None:
+            from ray.util.placement_group import remove_placement_group
+            remove_placement_group(self.placement)
 
 
 def _select(d: dict, idx: list[int]) -> dict:

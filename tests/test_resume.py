@@ -1,0 +1,88 @@
+"""Kill the flow process mid-run (SIGKILL, no clean-up), resume it: the same result as a run that was
+never interrupted, nothing lost, nothing done twice."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "tests" / "configs" / "tiny.yaml"
+# the smallest run with every stage, twice over (the suite's time budget): 4 prompts × 2 answers
+SETTINGS = ["ppo.steps=1", "data.train_prompts_per_iter=4", "warmup.prompts=4", "feedback.responses_per_prompt=2",
+            "ppo.rollout_batch_size=4", "data.eval_harmful=2", "data.eval_benign=1", "data.eval_borderline=1"]
+
+
+def _wait_for(run_root: Path, proc: subprocess.Popen, log: Path, stage: tuple[str, str], timeout: float) -> Path:
+    """The run folder, once its manifest records `stage` = (iteration, key)."""
+    end = time.time() + timeout
+    while time.time() < end:
+        for m in run_root.glob("*/manifest.json"):
+            try:
+                it = json.loads(m.read_text()).get("iterations", {})
+            except json.JSONDecodeError:     # cannot happen (atomic writes), but never flake on it
+                continue
+            if stage[1] in it.get(stage[0], {}):
+                return m.parent
+        if proc.poll() is not None:
+            pytest.fail(f"the run exited ({proc.returncode}) before {stage}:\n{log.read_text()[-3000:]}")
+        time.sleep(0.2)
+    pytest.fail(f"no {stage} within {timeout}s:\n{log.read_text()[-3000:]}")
+
+
+def test_killed_run_resumes_to_the_same_result(ray_local, tiny_config, tmp_path):
+    from flows.pipeline import load_run, rlhf_pipeline
+    killed_root, log = tmp_path / "killed", tmp_path / "killed.log"
+    args = [sys.executable, "-m", "flows.cli", "run", "--config", str(TINY), "--no-progress",
+            "--set", f"run.output_dir={killed_root}"] + [x for s in SETTINGS for x in ("--set", s)]
+    with open(log, "w") as out:
+        # its own session: the kill takes the flow process and the local Ray it started, at once
+        proc = subprocess.Popen(args, cwd=ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1"), stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        run_dir = _wait_for(killed_root, proc, log, ("1", "reward_model"), timeout=300)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    before = json.loads((run_dir / "manifest.json").read_text())
+    assert before.get("status") is None and "policy" not in before["iterations"]["1"]
+
+    state = load_run(run_dir.name, str(killed_root))
+    resumed = rlhf_pipeline(state.cfg, run_id=state.run_id, show_progress=False)
+    reference = rlhf_pipeline(tiny_config(f"run.output_dir={tmp_path / 'reference'}", *SETTINGS),
+                              show_progress=False)
+
+    after = json.loads((run_dir / "manifest.json").read_text())
+    assert after["status"] == "completed" and len(after["resumed"]) == 1
+    # the stages recorded before the kill were kept, not redone
+    for key in ("samples", "preferences", "warmup", "reward_model"):
+        assert after["iterations"]["1"][key] == before["iterations"]["1"][key]
+    assert set(resumed["results"]) == set(reference["results"]) == {0, 1, 2}
+    for k in (0, 1, 2):
+        for metric, value in reference["results"][k].items():
+            assert resumed["results"][k][metric] == pytest.approx(value, rel=1e-6, abs=1e-9, nan_ok=True), (k, metric)
+    ref_run = Path(reference["run_dir"])
+    for k in (1, 2):
+        for name in ("samples.parquet", "eval.parquet"):
+            assert (pq.read_table(run_dir / f"iter_{k}" / name).column("response").to_pylist()
+                    == pq.read_table(ref_run / f"iter_{k}" / name).column("response").to_pylist()), (k, name)
+    assert not list(run_dir.rglob("*.tmp*"))
+
+
+def test_resume_refuses_what_it_cannot_continue(tmp_path):
+    from flows.pipeline import ResumeError, load_run
+    with pytest.raises(ResumeError, match="no run there"):
+        load_run("nope", str(tmp_path))
+    done = tmp_path / "r1"
+    done.mkdir()
+    (done / "manifest.json").write_text(json.dumps({"run_id": "r1", "status": "completed", "config": {}}))
+    with pytest.raises(ResumeError, match="already finished"):
+        load_run(str(done))
+    r = subprocess.run([sys.executable, "-m", "flows.cli", "resume", "nope", "--runs-dir", str(tmp_path)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "no run there" in r.stdout
