@@ -26,6 +26,20 @@ class RetrainError(RuntimeError):
     pass
 
 
+def _record_labels(st, labels) -> Path:
+    """The new labels as iteration 1's preferences, recorded with their annotators (lineage)."""
+    from collections import Counter
+
+    from rlhf_core import schemas
+    path = schemas.write_table(labels, st.iter_dir(1) / "human_labels.parquet", schemas.PREFERENCES)
+    sha = schemas.file_sha256(path)
+    per_person = Counter(r["annotator"] for r in labels.to_pylist())
+    st.record(1, "preferences", {"path": str(path), "sha256": sha, "annotator": "human", "count": labels.num_rows})
+    st.record(1, "human_feedback", {"status": "completed", "labels": labels.num_rows, "human_labels": str(path),
+                                    "human_labels_sha256": sha, "annotators": dict(sorted(per_person.items()))})
+    return path
+
+
 @flow(name="alignflow_retrain", log_prints=True)
 def retrain(config_path: str | None = None, overrides: list[str] | None = None,
             show_progress: bool | None = False) -> dict:
@@ -55,22 +69,14 @@ def retrain(config_path: str | None = None, overrides: list[str] | None = None,
         write_report,
     )
     from flows.report import retrain_markdown
-    from rlhf_core import schemas
 
     parent = registry.production()
     cfg.run.name, cfg.run.iterations = "retrain", 1
     cfg.feedback.human.enabled = False       # the labels are already here; nobody is waited for
     with managed_run(cfg, None, show_progress, "alignflow_retrain") as st:
-        path = schemas.write_table(labels, st.iter_dir(1) / "human_labels.parquet", schemas.PREFERENCES)
-        rows = labels.to_pylist()
-        annotators = sorted({r["annotator"] for r in rows})
-        sha = schemas.file_sha256(path)
         st.manifest["retrain"] = {"parent": parent["version"] if parent else None, "source": source,
                                   "labels_after_id": after, "labels_up_to_id": newest, "new_labels": n}
-        st.record(1, "preferences", {"path": str(path), "sha256": sha, "annotator": "human", "count": n})
-        st.record(1, "human_feedback", {"status": "completed", "labels": n, "human_labels": str(path),
-                                        "human_labels_sha256": sha,
-                                        "annotators": {a: sum(r["annotator"] == a for r in rows) for a in annotators}})
+        path = _record_labels(st, labels)
         if parent and parent["lineage"].get("reward_model"):
             # train_reward_model warm-starts from iter_0/reward_model: production's, linked in
             st.iter_dir(0).joinpath("reward_model").symlink_to(Path(parent["lineage"]["reward_model"]).resolve())

@@ -212,8 +212,8 @@ class RLHFWorkers:
             _get(w.load_adapter.remote(self.policy_trainer.adapter_stack.remote(), self.adapter_version),
                  self.timeout, "re-sending the adapter to a restarted rollout worker")
 
-        results = self._gather(len(chunks), submit, restore, "rollout", progress and
-                               (lambda k: progress(len(chunks[k]))))
+        advance = (lambda k: progress(len(chunks[k]))) if progress else None
+        results = self._gather(len(chunks), submit, restore, "rollout", advance)
         merged = merge_rollouts(results, self.pad_id)
         inverse = np.argsort([i for idx in chunks for i in idx])  # position of prompt i in merged
         return _select(merged, inverse.tolist())
