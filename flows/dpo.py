@@ -13,11 +13,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pyarrow as pa
-from prefect import flow, task
+from prefect import flow
 
 from flows import report
 from flows.pipeline import evaluate, managed_run, start_workers, write_report
-from flows.run_state import RUNS, STAGE
+from flows.run_state import RUNS, stage
 from rlhf_core import schemas
 from rlhf_core.dpo import preference_pairs
 from rlhf_core.models import cache_dir
@@ -33,7 +33,7 @@ def read_pairs(path: str | Path) -> list[dict]:
         raise schemas.SchemaError(f"{path}: cannot read a preference Parquet file: {e}") from e
 
 
-@task(**STAGE)
+@stage
 def train_dpo(run_id: str, preferences_path: str) -> dict:
     """DPO-family training of the policy adapter on the file's pairs (held-out prompts removed)."""
     st = RUNS[run_id]

@@ -8,11 +8,10 @@
 from __future__ import annotations
 
 import numpy as np
-from prefect import task
 
 from flows import artifacts
 from flows.artifacts import artifact_key
-from flows.run_state import RUNS, STAGE
+from flows.run_state import RUNS, stage
 from rlhf_core import schemas
 from rlhf_core.guards import check, correlation, distinct_n
 
@@ -35,7 +34,7 @@ def _signals(st, k: int) -> dict:
             "kl": float(np.mean([r["kl"] for r in cur])), "distinct_2": distinct_n([r["response"] for r in cur])}
 
 
-@task(**STAGE)
+@stage
 def check_reward_hacking(run_id: str, k: int) -> list[dict]:
     """Detectors over iterations 0..k; alerts go to the manifest, the report and a Prefect artifact."""
     st = RUNS[run_id]
@@ -62,7 +61,7 @@ def alerts_markdown(k: int, alerts: list[dict], action: str) -> str:
     return "\n".join(lines)
 
 
-@task(**STAGE)
+@stage
 def roll_back(run_id: str, k: int, to: int) -> str:
     """Restore iteration `to`'s policy (trainer and rollout pool) after iteration k raised alerts."""
     st = RUNS[run_id]

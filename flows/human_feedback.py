@@ -19,10 +19,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
-from prefect import task
 
 from flows import artifacts
-from flows.run_state import RUNS, STAGE
+from flows.run_state import RUNS, stage
 from labeling import store
 from labeling.serving import serve_in_thread
 from rlhf_core import schemas
@@ -105,7 +104,7 @@ def _wait(st, k: int, batch_id: str, need: int, deadline: datetime, url: str) ->
             time.sleep(min(h.poll_seconds, max(0.0, (deadline - datetime.now(UTC)).total_seconds())))
 
 
-@task(**STAGE)
+@stage
 def collect_human_feedback(run_id: str, k: int, preferences_path: str) -> str:
     """Publish pairs to people, wait for their labels, mix them with the simulated ones."""
     st = RUNS[run_id]

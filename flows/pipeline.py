@@ -24,14 +24,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-from prefect import flow, task
+from prefect import flow
 
-from flows import artifacts, report
+from flows import artifacts, report, timeline
 from flows.artifacts import artifact_key
 from flows.guard import check_reward_hacking, roll_back
 from flows.human_feedback import check_ready as check_human_feedback_ready
 from flows.human_feedback import collect_human_feedback
-from flows.run_state import RUNS, STAGE, RunState, atomic_write_text, new_run_id
+from flows.run_state import RUNS, RunState, atomic_write_text, new_run_id, stage
 from rlhf_core import schemas
 from rlhf_core.agreement import aggregate_preferences, agreement_report
 from rlhf_core.annotators import default_panel, panel_preferences
@@ -65,7 +65,7 @@ def prepare_run(cfg: AlignflowConfig, run_id: str | None = None) -> RunState:
                       "config": cfg.model_dump(), "config_hash": cfg.hash(), "seed": cfg.run.seed,
                       "split_seed": cfg.data.split_seed, "prompt_counts": counts,
                       "data": {"prompts": {"path": str(prompts_path), "sha256": schemas.file_sha256(prompts_path)}},
-                      "iterations": {}}
+                      "iterations": {}, "timelines": [timeline.new_timeline()]}
     state.save_manifest()
     RUNS[run_id] = state
     return state
@@ -102,6 +102,7 @@ def load_run(run: str, output_dir: str = "runs") -> RunState:
     manifest.setdefault("resumed", []).append({"at": time.strftime("%Y-%m-%dT%H:%M:%S"),
                                                "status_before": manifest.get("status", "running")})
     manifest["status"] = "running"
+    manifest.setdefault("timelines", []).append(timeline.new_timeline())
     state.save_manifest()
     RUNS[state.run_id] = state
     return state
@@ -129,7 +130,7 @@ def _train_prompts(state: RunState, n: int, k: int) -> list[dict]:
     return pick(harmful, h) + pick(other, n - h)
 
 
-@task(**STAGE)
+@stage
 def start_workers(run_id: str) -> dict:
     """Start Ray (local, or RAY_ADDRESS), the actors, and train the judge's harm classifier."""
     from rlhf_core.models import resolve_encoder_path, resolve_model_path
@@ -160,7 +161,7 @@ def start_workers(run_id: str) -> dict:
     return {"policy": policy_path, "harm_classifier": clf_path}
 
 
-@task(**STAGE)
+@stage
 def evaluate(run_id: str, k: int, use_adapter: bool | None = None, with_reward_model: bool | None = None) -> dict:
     """Greedy answers on the held-out sets; unsafe compliance, over-refusal, reward, KL.
 
@@ -187,7 +188,7 @@ def evaluate(run_id: str, k: int, use_adapter: bool | None = None, with_reward_m
     return metrics
 
 
-@task(**STAGE)
+@stage
 def generate_samples(run_id: str, k: int) -> str:
     """Sample `responses_per_prompt` answers per training prompt from the current policy."""
     st = RUNS[run_id]
@@ -212,7 +213,7 @@ def generate_samples(run_id: str, k: int) -> str:
     return str(path)
 
 
-@task(**STAGE, retries=1)
+@stage(retries=1)
 def collect_feedback(run_id: str, k: int, samples_path: str) -> str:
     """Constitution judge scores every candidate; noisy pairwise preferences + supervised targets."""
     st = RUNS[run_id]
@@ -279,7 +280,7 @@ def _simulated_labels(st: RunState, k: int, samples: list[dict], scores) -> tupl
     return pairs, f"{cfg.aggregation}/panel{cfg.panel_size}/seed{st.cfg.run.seed}", stats
 
 
-@task(**STAGE)
+@stage
 def warm_up_policy(run_id: str, k: int) -> dict:
     """Supervised stage on the judge's best answers (rejection sampling), then merged into the base.
 
@@ -324,7 +325,7 @@ def _fit_scorer(st, k: int, preferences_path: str, name: str, train, metric: str
     return str(dest)
 
 
-@task(**STAGE, retries=1)
+@stage(retries=1)
 def train_reward_model(run_id: str, k: int, preferences_path: str) -> str:
     """Bradley–Terry reward model on this iteration's preferences, warm-started from the last one."""
     st = RUNS[run_id]
@@ -332,7 +333,7 @@ def train_reward_model(run_id: str, k: int, preferences_path: str) -> str:
                        "held-out pair accuracy")
 
 
-@task(**STAGE, retries=1)
+@stage(retries=1)
 def train_cost_model(run_id: str, k: int, preferences_path: str) -> str:
     """Safe-RLHF cost model on the per-answer safety labels (unsafe > 0 > safe), warm-started."""
     st = RUNS[run_id]
@@ -340,7 +341,7 @@ def train_cost_model(run_id: str, k: int, preferences_path: str) -> str:
                        "held-out sign accuracy")
 
 
-@task(**STAGE)
+@stage
 def update_policy(run_id: str, k: int) -> str:
     """PPO against the reward model: the whole inner loop runs under one controller in this task."""
     st = RUNS[run_id]
@@ -399,7 +400,7 @@ def rlhf_pipeline(cfg: AlignflowConfig, run_id: str | None = None, show_progress
         return {"run_id": st.run_id, "run_dir": str(st.run_dir), "results": results}
 
 
-@task(**STAGE)
+@stage
 def restore_checkpoints(run_id: str) -> dict:
     """Load the latest checkpoints a resumed run recorded (nothing for a new run).
 
@@ -425,7 +426,7 @@ def restore_checkpoints(run_id: str) -> dict:
     return {k: v if not isinstance(v, dict) else v["path"] for k, v in latest.items()}
 
 
-@task(**STAGE)
+@stage
 def register_policy(run_id: str, k: int) -> dict:
     """Register iteration k's policy with its lineage, run the promotion gate, promote if it passes."""
     from rlhf_core.registry import Registry, lineage_from_manifest
@@ -453,14 +454,16 @@ def managed_run(cfg: AlignflowConfig, run_id: str | None, show_progress: bool | 
     st = RUNS[run_id] if run_id in RUNS else prepare_run(cfg, run_id)
     st.manifest["flow"] = flow_name
     st.progress = ProgressUI(show_progress)
+    st.timeline()["flow_started"] = time.time()
     try:
         with st.progress:
             yield st
     except BaseException:
         st.manifest["status"] = "failed"
-        st.save_manifest()
         raise
     finally:
+        st.timeline()["flow_finished"] = time.time()
+        st.save_manifest()
         if st.workers is not None:
             st.workers.shutdown()
         RUNS.pop(st.run_id, None)

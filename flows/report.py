@@ -5,6 +5,8 @@ import math
 
 import pyarrow.parquet as pq
 
+from flows import timeline
+
 ROWS = [("unsafe_compliance", "Unsafe compliance on harmful prompts (%) ↓"),
         ("over_refusal", "Over-refusal on benign + borderline (%) ↓"),
         ("over_refusal_benign", "  …benign (%)"),
@@ -140,6 +142,7 @@ def final_markdown(st, results: dict, final: int | None = None, stopped_at: int 
         *([f"Reward-hacking alerts: {len(alerts)} (" + ", ".join(sorted({a['detector'] for a in alerts})) + ").", ""]
           if alerts else []),
         f"Everything is under `{st.run_dir}`; `manifest.json` records config, seeds, paths, hashes and metrics.",
+        "", "## Where the time went", "", timeline.markdown(st.timeline()),
     ])
 
 

@@ -5,6 +5,7 @@ so Prefect never tries to hash or serialise them (ARCHITECTURE.md).
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -12,13 +13,34 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from flows import timeline
 from rlhf_core.config import AlignflowConfig
 
 # Every stage is a Prefect task with these options. Live actor handles are never task inputs
 # (Prefect would hash them): tasks take the run id and look the run up in RUNS.
 STAGE = dict(cache_policy=NO_CACHE, log_prints=True)
+
+
+def stage(fn=None, **options):
+    """Decorate a stage `fn(run_id, k, ...)`: a Prefect task (STAGE options, plus `options`) whose
+    wall time and actor compute go to the run's timeline (flows/timeline.py)."""
+    if fn is None:
+        return lambda f: stage(f, **options)
+
+    @functools.wraps(fn)
+    def timed(run_id: str, *args, **kwargs):
+        t0 = time.time()
+        try:
+            return fn(run_id, *args, **kwargs)
+        finally:
+            if run_id in RUNS:
+                k = kwargs.get("k", args[0] if args and isinstance(args[0], int) else None)
+                RUNS[run_id].time_stage(fn.__name__, k, t0, time.time())
+
+    return task(**STAGE, **options)(timed)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -61,6 +83,23 @@ class RunState:
         if value is not None:
             print(f"iteration {k}: {key.replace('_', ' ')} completed before the interruption; kept")
         return value
+
+    def timeline(self) -> dict:
+        """This process's timeline (the last one: a resumed run has one per process)."""
+        timelines = self.manifest.setdefault("timelines", [])
+        if not timelines:
+            timelines.append(timeline.new_timeline())
+        return timelines[-1]
+
+    def time_stage(self, name: str, k: int | None, t0: float, t1: float) -> None:
+        busy = {}
+        if self.workers is not None:
+            try:
+                busy = self.workers.busy_intervals()
+            except Exception as e:  # noqa: BLE001 — timing must never hide the stage's own error
+                print(f"timeline: actor busy clocks unavailable after {name} ({type(e).__name__}: {e})")
+        self.timeline()["stages"].append(timeline.stage_entry(name, k, t0, t1, busy))
+        self.save_manifest()
 
     def record(self, k: int, key: str, value) -> None:
         it = self.manifest.setdefault("iterations", {}).setdefault(str(k), {})

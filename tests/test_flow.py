@@ -78,6 +78,17 @@ def test_pipeline_two_iterations(ray_local, tiny_config, tmp_path):
     eval_rows = pq.read_table(run / "iter_2" / "eval.parquet").to_pylist()
     assert {r["kind"] for r in eval_rows} == {"harmful", "benign", "borderline"}
     assert not list(run.rglob("*.tmp*"))
+    # every stage's wall time is on the timeline, with the share some actor was computing
+    tl = manifest["timelines"][-1]
+    names = [(s["stage"], s["iteration"]) for s in tl["stages"]]
+    assert names[:2] == [("start_workers", None), ("restore_checkpoints", None)]
+    assert {("generate_samples", 1), ("update_policy", 2), ("evaluate", 2), ("register_policy", 2)} <= set(names)
+    for s in tl["stages"]:
+        assert 0 <= s["actor_seconds"] <= s["seconds"] + 1e-3, s
+    ppo = next(s for s in tl["stages"] if s["stage"] == "update_policy")
+    assert ppo["actor_seconds"] > 0.5 * ppo["seconds"] and {"policy", "rollout"} <= set(ppo["by_role"])
+    assert tl["process_start"] <= tl["prepared"] <= tl["flow_started"] <= tl["stages"][0]["start"] < tl["flow_finished"]
+    assert "Where the time went" in (run / "report.md").read_text()
 
     # the Prefect API (here the ephemeral one) holds a markdown artifact per iteration + the report
     from prefect.client.orchestration import get_client

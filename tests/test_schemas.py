@@ -61,3 +61,16 @@ def test_missing_optional_columns_become_null():
            if k not in ("judge_better", "flipped", "score_a", "score_b", "display_order", "soft_label")}
     back = schemas.from_rows([row], schemas.PREFERENCES).to_pylist()[0]
     assert back["judge_better"] is None and back["soft_label"] is None and back["better"] == 1
+
+
+def test_timeline_union_counts_parallel_actors_once():
+    from flows.timeline import summarize, union_seconds
+    # two workers overlapping on [2, 3], a third call outside the window, one interval clipped
+    assert union_seconds([(0, 3), (2, 5), (9, 12)], 1, 10) == (5 - 1) + (10 - 9)
+    assert union_seconds([], 0, 10) == 0 and union_seconds([(4, 3)], 0, 10) == 0
+    tl = {"process_start": 0.0, "prepared": 2.0, "flow_finished": 30.0,
+          "stages": [{"start": 5.0, "seconds": 10.0, "actor_seconds": 8.0},
+                     {"start": 16.0, "seconds": 12.0, "actor_seconds": 12.0}]}
+    t = summarize(tl)
+    assert t["cold_start_s"] == 5 and t["flow_start_s"] == 3 and t["wall_s"] == 25
+    assert t["outside_actors_s"] == 2 and t["prefect_gaps_s"] == 3

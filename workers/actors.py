@@ -5,7 +5,9 @@ config when it creates the actors (`ray.remote(**opts)(Class)`).
 """
 from __future__ import annotations
 
+import functools
 import os
+import time
 
 import torch
 
@@ -31,11 +33,42 @@ def _device(name: str) -> str:
     return name
 
 
+def busy_clock(cls):
+    """Record when each of the actor's methods (its constructor included) ran.
+
+    The run's timeline sets these intervals against each stage's wall time, so compute is told
+    apart from what Ray, Prefect and the driver add (`alignflow run` report, bench/orchestration).
+    An actor runs one call at a time, so the list needs no lock.
+    """
+    def clocked(fn):
+        @functools.wraps(fn)
+        def method(self, *args, **kwargs):
+            t0 = time.time()
+            try:
+                return fn(self, *args, **kwargs)
+            finally:
+                self.__dict__.setdefault("_busy", []).append((t0, time.time()))
+        return method
+
+    for name, fn in list(vars(cls).items()):
+        if callable(fn) and (name == "__init__" or not name.startswith("_")):
+            setattr(cls, name, clocked(fn))
+
+    def busy_intervals(self) -> list[tuple[float, float]]:
+        """(start, end) wall-clock times of the calls since the last time this was asked; then forget them."""
+        out, self._busy = self.__dict__.get("_busy", []), []
+        return out
+
+    cls.busy_intervals = busy_intervals
+    return cls
+
+
 class StaleAdapterError(RuntimeError):
     """A rollout worker does not hold the adapter version it was asked to generate with: it was
     restarted (with the base weights) since the last sync. The controller re-sends the adapter."""
 
 
+@busy_clock
 class RolloutWorker:
     """Holds one policy copy for generation; receives LoRA adapter weights from the trainer."""
 
@@ -67,6 +100,7 @@ class RolloutWorker:
         return version
 
 
+@busy_clock
 class FeedbackWorker:
     """The constitution judge: scores (prompt, answer) pairs."""
 
@@ -133,6 +167,7 @@ class FeedbackWorker:
         return self.judge.score(prompts, responses)
 
 
+@busy_clock
 class RewardModelTrainer:
     """Trains the Bradley–Terry reward model (or an ensemble of them) and scores answers with it.
 
@@ -328,6 +363,7 @@ class RewardModelTrainer:
         return out
 
 
+@busy_clock
 class PolicyTrainerActor:
     """Owns the trainable policy (LoRA + value head) and its reference (adapter disabled)."""
 

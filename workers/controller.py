@@ -482,6 +482,21 @@ class RLHFWorkers:
         _get(self.policy_trainer.load.remote(adapter_dir), self.timeout, f"loading adapter {adapter_dir}")
         self.sync_adapter(adapter_dir)
 
+    def busy_intervals(self) -> dict[str, list[tuple[float, float]]]:
+        """Per role, when its actors computed since the last call (the run's timeline). An actor
+        that does not answer within a few seconds (lost, or stuck in a call) is left out."""
+        roles = {"rollout": self.rollout, "feedback": self.feedback, "reward_model": self.reward_trainers,
+                 "cost_model": [self.cost_model] if self.cost_model is not None else [],
+                 "policy": [self.policy_trainer] if self.policy_trainer is not None else []}
+        out: dict[str, list] = {}
+        for role, actors in roles.items():
+            for a in actors:
+                try:
+                    out.setdefault(role, []).extend(ray.get(a.busy_intervals.remote(), timeout=10))
+                except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
+                    pass
+        return out
+
     def _actors(self) -> list:
         return self.rollout + self.feedback + self.reward_trainers + [
             a for a in (self.cost_model, self.policy_trainer) if a is not None]
