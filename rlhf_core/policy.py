@@ -73,6 +73,7 @@ class Policy(nn.Module):
         # merged, "adapter disabled" is the warm-up policy: PPO's reference is the policy RL
         # starts from, as in InstructGPT, not the raw pretrained model.
         self.merged: list[dict[str, torch.Tensor]] = []
+        self._unfolded: dict[str, torch.Tensor] = {}   # W of the adapted layers while folded (fold_adapter)
         hidden = base.config.hidden_size
         self.value_head = nn.Linear(hidden, 1)
         # Safe-RLHF's second critic: the expected cost to go, trained only when the cost is used
@@ -147,7 +148,9 @@ class Policy(nn.Module):
                              output_hidden_states=with_hidden, use_cache=False, logits_to_keep=A + 1)
         # logits at position t predict token t+1: response token j is predicted at Q-1+j,
         # and the kept window is positions Q-1 … Q+A-1
-        logits = out.logits[:, :-1, :] / temperature                             # (B, A, V)
+        logits = out.logits[:, :-1, :]                                            # (B, A, V)
+        if temperature != 1.0:
+            logits = logits / temperature
         res = {"logp": logprobs_from_logits(logits, batch.response_ids)}          # (B, A)
         if with_entropy:
             res["entropy"] = entropy_from_logits(logits)
@@ -207,6 +210,28 @@ class Policy(nn.Module):
         self.merged.append(self.adapter_state())
         base = self.model.merge_and_unload()
         self.model = get_peft_model(base, self.lora_config).to(self.device)
+
+    def fold_adapter(self, on: bool) -> None:
+        """Rollout copies: hold W + ΔW_LoRA in each adapted layer's weight (on), or the exact W (off).
+
+        Folded, an adapted layer costs one matmul per decoding step instead of three plus an add;
+        decoding a small model on CPU is dominated by such per-layer work. W is copied aside when
+        folding and copied back when unfolding (never subtracted), so nothing drifts by rounding.
+        Unfold before loading, merging or disabling the adapter; training copies never fold.
+        """
+        if on == bool(self._unfolded):
+            return
+        from peft.tuners.lora import LoraLayer
+        layers = {n: m for n, m in self.model.named_modules() if isinstance(m, LoraLayer)}
+        if on:
+            self._unfolded = {n: m.base_layer.weight.detach().clone() for n, m in layers.items()}
+            self.model.merge_adapter()
+        else:
+            self.model.unmerge_adapter()
+            with torch.no_grad():
+                for n, m in layers.items():
+                    m.base_layer.weight.copy_(self._unfolded[n])
+            self._unfolded = {}
 
     def apply_stack(self, merged: list[dict], current: dict) -> None:
         """Reach the state (merged adapters…, current adapter) from this policy's own state.

@@ -57,6 +57,26 @@ def test_reference_is_base_with_adapter_disabled(policy):
     assert torch.allclose(ref, pol)
 
 
+def test_folded_adapter_generates_the_same_and_unfolds_exactly(tiny_model_path):
+    """Rollout copies fold the LoRA delta into the weights: the same answers, and the original
+    weights come back bit for bit (copied back, not subtracted)."""
+    p = Policy(tiny_model_path, PolicyConfig(max_new_tokens=8, lora_r=4, lora_alpha=8), seed=0)
+    with torch.no_grad():
+        for name, param in p.model.named_parameters():
+            if "lora_B" in name:                 # a trained-looking adapter (B starts at zero)
+                param.normal_(0, 0.05)
+    weights = {n: w.clone() for n, w in p.model.named_parameters() if "base_layer" in n}
+    separate = p.generate(PROMPTS, greedy=True)
+    p.fold_adapter(True)
+    folded = p.generate(PROMPTS, greedy=True)
+    assert not torch.equal(next(w for n, w in p.model.named_parameters() if "base_layer.weight" in n),
+                           next(w for n, w in weights.items() if "base_layer.weight" in n))
+    p.fold_adapter(False)
+    assert folded.texts == separate.texts and torch.equal(folded.response_ids, separate.response_ids)
+    assert all(torch.equal(w, weights[n]) for n, w in p.model.named_parameters() if "base_layer" in n)
+    assert p.generate(PROMPTS, greedy=True).texts == separate.texts
+
+
 def test_sft_and_ppo_change_only_the_adapter(tiny_model_path):
     torch.manual_seed(0)
     p = Policy(tiny_model_path, PolicyConfig(max_new_tokens=6, lora_r=4, lora_alpha=8), seed=0)

@@ -89,6 +89,20 @@ def test_lost_pool_actors_have_their_shards_redone(workers):
     again = workers.judge(prompts[:6], ref["texts"][:6])
     assert np.allclose(again.total, judged.total)
 
+    # in flight: worker 0 is killed as the first shard comes back, while its other shard is queued
+    # or running; that shard is redone on the restarted worker and nothing is lost or doubled
+    many = [f"{p} [{i}]" for i in range(26) for p in PROMPTS]         # 130 prompts: 5 chunks
+    ref = workers.generate(many, greedy=True)
+    redone, killed = workers.redone_shards, []
+
+    def kill_once(_n):
+        if not killed:
+            killed.append(True)
+            ray.kill(workers.rollout[0], no_restart=False)
+    out = workers.generate(many, greedy=True, progress=kill_once)
+    assert out["texts"] == ref["texts"] and torch.equal(out["response_ids"], ref["response_ids"])
+    assert len(out["texts"]) == len(many) and workers.redone_shards > redone
+
 
 def test_resource_check_fails_clearly(ray_local, tiny_model_path, tiny_config):
     from workers.controller import ActorCallError, RLHFWorkers

@@ -85,6 +85,7 @@ class RolloutWorker:
             raise ValueError("generate: prompts must be a non-empty list of strings")
         if use_adapter and expect_version is not None and expect_version != self.version:
             raise StaleAdapterError(f"holds adapter {self.version!r}, asked for {expect_version!r}")
+        self.policy.fold_adapter(use_adapter)      # generate through W + ΔW: one matmul per layer
         batch = self.policy.generate(prompts, greedy=greedy, seed=seed, use_adapter=use_adapter)
         out = batch.to_cpu_dict()
         out["num_tokens"] = batch.response_mask.sum(1).cpu().tolist()
@@ -93,6 +94,7 @@ class RolloutWorker:
 
     def load_adapter(self, stack: dict, version: str) -> str:
         """stack = {"merged": [adapter states folded into the base], "current": adapter state}."""
+        self.policy.fold_adapter(False)
         if len(stack["merged"]) < len(self.policy.merged):
             self.policy = self._build()   # a rollback: merged adapters cannot be unmerged, start from the base
         self.policy.apply_stack(stack["merged"], stack["current"])
