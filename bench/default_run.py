@@ -5,7 +5,7 @@ Runs `alignflow run` (with any `--set` overrides) as a child process and reports
 - memory (issue 6, #5): peak over the run of the summed resident memory (RSS) of every process it
   started — the driver, Ray's raylet, GCS and dashboard, and every actor — and the same for the
   proportional set size (PSS: shared pages such as torch's libraries counted once, split across the
-  processes that map them), sampled every `--interval` seconds;
+  processes that map them); RSS every `--interval` seconds, PSS every tenth sample;
 - orchestration overhead (#3): from the run's timeline (flows/timeline.py) — cold start (process
   start → first stage running), the time between stages (Prefect), and stage time in which no actor
   was computing (Ray calls, the driver's own Python and I/O), per iteration and in total;
@@ -60,8 +60,11 @@ class TreeMemory:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        t0 = time.time()
+        t0, n = time.time(), 0
         while not self._stop.is_set():
+            # PSS reads every mapping of every process (kernel time): every 10th sample only, or the
+            # sampler itself takes ~13 % of a core from the run it measures
+            with_pss, n = n % 10 == 0, n + 1
             try:
                 procs = [self.root, *self.root.children(recursive=True)]
             except psutil.Error:
@@ -75,14 +78,15 @@ class TreeMemory:
                 except psutil.Error:
                     continue
                 rss += r
-                pss += _pss(p.pid)
+                pss += _pss(p.pid) if with_pss else 0
                 per.append((Path(name).name[:40], r))
                 if p.pid == self.root.pid:
                     self.driver_rss = max(self.driver_rss, r)
             self.samples.append((time.time() - t0, rss, pss))
             if rss > self.peak_rss:
                 self.peak_rss, self.peak_procs = rss, sorted(per, key=lambda x: -x[1])
-            self.peak_pss = max(self.peak_pss, pss)
+            if with_pss:
+                self.peak_pss = max(self.peak_pss, pss)
             self._stop.wait(self.interval)
 
     def __enter__(self):
