@@ -492,13 +492,14 @@ class RLHFWorkers:
         roles = {"rollout": self.rollout, "feedback": self.feedback, "reward_model": self.reward_trainers,
                  "cost_model": [self.cost_model] if self.cost_model is not None else [],
                  "policy": [self.policy_trainer] if self.policy_trainer is not None else []}
+        # asked all at once, so the actors answer in parallel at each stage's end, not one after another
+        refs = [(role, a.busy_intervals.remote()) for role, actors in roles.items() for a in actors]
         out: dict[str, list] = {}
-        for role, actors in roles.items():
-            for a in actors:
-                try:
-                    out.setdefault(role, []).extend(ray.get(a.busy_intervals.remote(), timeout=10))
-                except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
-                    pass
+        for role, ref in refs:
+            try:
+                out.setdefault(role, []).extend(ray.get(ref, timeout=10))
+            except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
+                pass
         return out
 
     def _actors(self) -> list:
