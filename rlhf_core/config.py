@@ -141,7 +141,7 @@ class RewardModelConfig(_Section):
         "Reward models trained on bootstrap resamples (k× the training time): the reward is their mean, their "
         "spread the uncertainty used by active selection ('disagreement') and the reward-hacking guard."))
     dropout: float | None = Field(None, ge=0, lt=1, description=(
-        "Dropout of the reward model while it trains; null keeps the backbone's own (MiniLM: 0.1)."))
+        "Dropout of the reward and cost models while they train; null keeps the backbone's own (MiniLM: 0.1)."))
 
 
 class WarmupConfig(_Section):
@@ -272,14 +272,23 @@ class ResourcesConfig(_Section):
         "Ray CPUs reserved per trainer actor (reward model, cost model, policy): a scheduling share, not threads."))
     gpus_per_trainer: float = Field(0.0, ge=0)
     gpus_per_rollout: float = Field(0.0, ge=0)
+    rollout_backend: Literal["hf", "vllm"] = Field("hf", description=(
+        "Rollout decoding: 'hf' (transformers generate; the default and the reference) or 'vllm' (a vLLM "
+        "engine per rollout actor; needs a CUDA GPU, `pip install vllm` and gpus_per_rollout > 0; not yet "
+        "run in this project's CI, docs/cluster.md)."))
     torch_threads: int = Field(2, ge=1, description=(
         "Torch threads per actor. Stages run one after another, so each may use every core; "
         "set 1 when several actors compute at once."))
     ray_address: str | None = Field(None, description="Ray cluster address; default: RAY_ADDRESS or a local Ray.")
     actor_timeout_s: float = Field(1800, gt=0, description="Timeout of every remote call (fails loudly).")
     reward_model_trainers: int = Field(1, ge=1, description=(
-        "Reward-model trainer actors: > 1 trains data-parallel (torch.distributed, gloo on CPU, NCCL on GPU), "
-        "each rank on its share of every batch; they are placed together by one placement group."))
+        "Reward-model trainer actors (and cost-model ones, with safe_rlhf): > 1 trains data-parallel "
+        "(torch.distributed, gloo on CPU, NCCL on GPU), each rank on its share of every batch; they are "
+        "placed together by one placement group."))
+    policy_trainers: int = Field(1, ge=1, description=(
+        "Policy trainer actors: > 1 runs the warm-up, PPO-family and DPO updates data-parallel, each rank "
+        "on its share of every batch (the same steps as one trainer, up to float rounding), and splits "
+        "the evaluation's KL scoring; one placement group, like the reward-model ranks."))
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field("PACK", description=(
         "Ray placement strategy of the data-parallel trainer ranks: PACK on few nodes, SPREAD across nodes."))
     max_restarts: int = Field(2, ge=0, description=(
@@ -333,6 +342,9 @@ class AlignflowConfig(_Section):
     def _derived_checks(self) -> "AlignflowConfig":
         if self.ppo.minibatch_size > self.ppo.rollout_batch_size:
             raise ValueError("ppo.minibatch_size must be <= ppo.rollout_batch_size")
+        if self.resources.policy_trainers > self.ppo.rollout_batch_size:
+            raise ValueError(f"resources.policy_trainers ({self.resources.policy_trainers}) must be <= "
+                             f"ppo.rollout_batch_size ({self.ppo.rollout_batch_size}): every rank needs answers")
         if self.feedback.human.selection == "disagreement" and self.reward_model.ensemble < 2:
             raise ValueError("feedback.human.selection=disagreement needs reward_model.ensemble >= 2")
         if self.safe_rlhf.enabled and self.ppo.advantage_estimator != "gae":

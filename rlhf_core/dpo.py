@@ -21,7 +21,7 @@ import torch
 
 from rlhf_core import schemas
 from rlhf_core.algorithms import get_preference_loss
-from rlhf_core.optim import GuardedStep
+from rlhf_core.optim import GradSync, GuardedStep, shard_rows
 from rlhf_core.policy import Policy
 
 REFERENCE_CACHE = pa.schema([
@@ -58,11 +58,12 @@ def pair_keys(model_id: str, max_tokens: int, prompts, chosen, rejected) -> list
 class DPOTrainer:
     """DPO-family training of `policy`'s LoRA adapter; `cfg` is config.DPOConfig."""
 
-    def __init__(self, policy: Policy, cfg):
+    def __init__(self, policy: Policy, cfg, sync: GradSync | None = None):
         self.policy, self.cfg = policy, cfg
         self.loss = get_preference_loss(cfg.loss)
         self.optimizer = torch.optim.AdamW([q for q in policy.model.parameters() if q.requires_grad], lr=cfg.lr)
         self.step_guard = GuardedStep(cfg.max_nonfinite_updates)
+        self.sync = sync    # data parallel: each rank steps on its pairs, scaled by its share (optim.py)
 
     def _answer_logps(self, prompts, chosen, rejected, use_adapter: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """log π(y|x) of chosen and rejected answers (B,), summed over tokens, or their mean when the
@@ -109,13 +110,27 @@ class DPOTrainer:
     def step(self, prompts, chosen, rejected, ref_chosen, ref_rejected) -> dict:
         """One optimizer step on a batch of pairs. Returns the loss and the implicit-reward metrics."""
         p = self.policy
+        params = [q for q in p.model.parameters() if q.requires_grad]
+        n = len(prompts)
+        mine = shard_rows(n, self.sync.rank, self.sync.world) if self.sync else list(range(n))
+        share = len(mine) / n      # the losses and metrics are means over pairs
         p.model.train()
-        pc, pr = self._answer_logps(prompts, chosen, rejected, use_adapter=True)
-        rc = torch.as_tensor(ref_chosen, dtype=pc.dtype, device=pc.device)
-        rr = torch.as_tensor(ref_rejected, dtype=pc.dtype, device=pc.device)
-        loss, metrics = self.loss.fn(pc, pr, rc, rr, self.cfg.beta, self.cfg.label_smoothing)
-        applied = self.step_guard(self.optimizer, loss, [q for q in p.model.parameters() if q.requires_grad],
-                                  self.cfg.max_grad_norm, f"{self.cfg.loss} loss")
+        if mine:
+            pick = lambda xs: [xs[i] for i in mine]  # noqa: E731
+            pc, pr = self._answer_logps(pick(prompts), pick(chosen), pick(rejected), use_adapter=True)
+            rc = torch.as_tensor(pick(list(ref_chosen)), dtype=pc.dtype, device=pc.device)
+            rr = torch.as_tensor(pick(list(ref_rejected)), dtype=pc.dtype, device=pc.device)
+            loss, metrics = self.loss.fn(pc, pr, rc, rr, self.cfg.beta, self.cfg.label_smoothing)
+            loss = loss * share
+        else:                   # fewer pairs than ranks: a zero gradient, zero metrics
+            loss = sum(q.sum() for q in params) * 0.0
+            metrics = dict.fromkeys(("chosen_reward", "rejected_reward", "reward_accuracy", "reward_margin"), 0.0)
+        applied = self.step_guard(self.optimizer, loss, params, self.cfg.max_grad_norm, f"{self.cfg.loss} loss",
+                                  sync=self.sync)
         p.model.eval()
-        return {"loss": float(loss.item()), **metrics, "skipped_updates": int(not applied)}
+        stats = {"loss": float(loss.item()), **{k: share * v for k, v in metrics.items()}}
+        if self.sync is not None:
+            keys = sorted(stats)
+            stats = dict(zip(keys, self.sync.sum([stats[k] for k in keys])))
+        return {**stats, "skipped_updates": int(not applied)}
 

@@ -50,6 +50,27 @@ class GradSync:
         self.dist.all_reduce(t)
         return t.tolist()
 
+    def gather_rows(self, local: torch.Tensor, total: int) -> torch.Tensor:
+        """The whole batch from every rank's rows: rank r holds rows r, r + world, r + 2·world, …
+        (`shard_rows`) of a batch of `total` rows. local (n_r, …) -> (total, …), the same on every rank.
+
+        gloo gathers equal shapes only: shards are padded to the longest, then the padding dropped."""
+        per = -(-total // self.world)
+        pad = torch.zeros((per - local.shape[0], *local.shape[1:]), dtype=local.dtype, device=local.device)
+        parts = [torch.empty((per, *local.shape[1:]), dtype=local.dtype, device=local.device)
+                 for _ in range(self.world)]
+        self.dist.all_gather(parts, torch.cat([local, pad]))
+        out = torch.empty((total, *local.shape[1:]), dtype=local.dtype, device=local.device)
+        for r, part in enumerate(parts):
+            rows = shard_rows(total, r, self.world)
+            out[rows] = part[: len(rows)]
+        return out
+
+
+def shard_rows(n: int, rank: int, world: int) -> list[int]:
+    """This rank's rows of an n-row batch: every world-th row, starting at its rank (as `_fit` does)."""
+    return list(range(rank, n, world))
+
 
 class GuardedStep:
     """Optimizer steps that skip a non-finite update instead of applying it.

@@ -34,7 +34,7 @@ from rlhf_core.algorithms import (
     sequence_unlikelihood_loss,
     token_level_rewards,
 )
-from rlhf_core.optim import GuardedStep
+from rlhf_core.optim import GradSync, GuardedStep, shard_rows
 from rlhf_core.policy import Policy, RolloutBatch
 
 
@@ -72,6 +72,30 @@ class PolicyTrainer:
         self.optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=ppo_cfg.lr)
         self.step_guard = GuardedStep(ppo_cfg.max_nonfinite_updates)
         self.global_step = 0
+        self.sync: GradSync | None = None     # data parallel: `join` a torch.distributed group
+
+    # ----- data parallel ---------------------------------------------------------------------
+    def join(self, sync: GradSync) -> None:
+        """Train as one rank of a data-parallel group. Every rank gets every call with the whole
+        batch, works on its rows (`shard_rows`) with its loss scaled by its share, and the summed
+        gradients are those of the whole batch: the replicas take identical steps and match one
+        trainer's (tests/test_workers.py)."""
+        self.sync = sync
+        sync.broadcast_parameters(self.policy.trainable_parameters())
+
+    def _mine(self, n: int) -> list[int]:
+        return shard_rows(n, self.sync.rank, self.sync.world) if self.sync else list(range(n))
+
+    def _zero_loss(self, params) -> torch.Tensor:
+        """A rank with no rows of a (short) batch still joins the gradient sum, with zeros."""
+        return sum(q.sum() for q in params) * 0.0
+
+    def _sum_stats(self, stats: dict[str, float]) -> dict[str, float]:
+        """Add up the ranks' shares of each metric (already scaled): the whole batch's value."""
+        if self.sync is None or not stats:
+            return stats
+        keys = sorted(stats)        # the same order on every rank
+        return dict(zip(keys, self.sync.sum([stats[k] for k in keys])))
 
     # ----- supervised warm-up ----------------------------------------------------------------
     def begin_sft(self, lr: float) -> None:
@@ -85,6 +109,8 @@ class PolicyTrainer:
         self.policy.merge_adapter()
         # the LoRA parameters are new objects: the PPO optimizer must track them
         self.optimizer = torch.optim.AdamW(self.policy.trainable_parameters(), lr=self.cfg.lr)
+        if self.sync is not None:     # the fresh adapter's random init: rank 0's on every rank
+            self.sync.broadcast_parameters(self.policy.trainable_parameters())
 
     def sft_step(self, prompts: list[str], responses: list[str], max_tokens: int,
                  negatives: list[tuple[str, str]] | None = None, unlikelihood_coef: float = 0.0,
@@ -98,29 +124,41 @@ class PolicyTrainer:
         Returns {"loss", "sft_loss", "unlikelihood_loss"}.
         """
         p = self.policy
-        q_ids, q_mask = p.encode_queries(prompts)
+        negatives = negatives if negatives and unlikelihood_coef > 0 else []
+        row_of = {q: i for i, q in reversed(list(enumerate(prompts)))}          # first row of each prompt
+        missing = [n[0] for n in negatives if n[0] not in row_of]
+        if missing:
+            raise ValueError(f"negatives must answer prompts of this batch; not in it: {missing[0][:80]!r}")
+        # data parallel: this rank's rows, and the negatives of the prompts whose first row it holds
+        mine = self._mine(len(prompts))
+        local = {i: j for j, i in enumerate(mine)}
+        negs = [n for n in negatives if row_of[n[0]] in local]
         r_ids, r_mask = p.encode_responses(responses, max_tokens)
-        sets = [(torch.arange(len(prompts), device=p.device), r_ids, r_mask)]
-        use_ul = bool(negatives) and unlikelihood_coef > 0
-        if use_ul:
-            row_of = {q: i for i, q in reversed(list(enumerate(prompts)))}      # first row of each prompt
-            missing = [n[0] for n in negatives if n[0] not in row_of]
-            if missing:
-                raise ValueError(f"negatives must answer prompts of this batch; not in it: {missing[0][:80]!r}")
-            nr_ids, nr_mask = p.encode_responses([n[1] for n in negatives], unlikelihood_tokens + 1)
-            nr_mask[:, unlikelihood_tokens:] = 0                                  # the opening only, no EOS
-            sets.append((torch.tensor([row_of[n[0]] for n in negatives], device=p.device), nr_ids, nr_mask))
+        # shares of the whole batch's two means (answer tokens, negatives): the ranks' losses add up to it
+        tok_share = float(r_mask[mine].sum() / r_mask.sum())
+        neg_share = len(negs) / len(negatives) if negatives else 0.0
+        params = [q for q in p.model.parameters() if q.requires_grad]
         p.model.train()
-        logps = p.forward_shared_prompts(q_ids, q_mask, sets)                    # [(B, A), (n, k)]
-        sft_loss = -masked_mean(logps[0], r_mask.float())
-        ul_loss = (sequence_unlikelihood_loss(logps[1], nr_mask, unlikelihood_tokens) if use_ul
+        if mine:
+            q_ids, q_mask = p.encode_queries([prompts[i] for i in mine])
+            sets = [(torch.arange(len(mine), device=p.device), r_ids[mine], r_mask[mine])]
+            if negs:
+                nr_ids, nr_mask = p.encode_responses([n[1] for n in negs], unlikelihood_tokens + 1)
+                nr_mask[:, unlikelihood_tokens:] = 0                              # the opening only, no EOS
+                sets.append((torch.tensor([local[row_of[n[0]]] for n in negs], device=p.device), nr_ids, nr_mask))
+            logps = p.forward_shared_prompts(q_ids, q_mask, sets)                # [(B, A), (n, k)]
+            sft_loss = -masked_mean(logps[0], r_mask[mine].float()) * tok_share
+        else:
+            sft_loss = self._zero_loss(params)
+        ul_loss = (sequence_unlikelihood_loss(logps[1], nr_mask, unlikelihood_tokens) * neg_share if negs
                    else torch.zeros((), device=p.device))
         loss = sft_loss + unlikelihood_coef * ul_loss
-        applied = self.step_guard(self.sft_optimizer, loss, [q for q in p.model.parameters() if q.requires_grad],
-                                  self.cfg.max_grad_norm, "warm-up loss")
+        applied = self.step_guard(self.sft_optimizer, loss, params, self.cfg.max_grad_norm, "warm-up loss",
+                                  sync=self.sync)
         p.model.eval()
-        return {"loss": float(loss.item()), "sft_loss": float(sft_loss.item()),
-                "unlikelihood_loss": float(ul_loss.item()), "skipped_updates": int(not applied)}
+        stats = self._sum_stats({"loss": float(loss.item()), "sft_loss": float(sft_loss.item()),
+                                 "unlikelihood_loss": float(ul_loss.item())})
+        return {**stats, "skipped_updates": int(not applied)}
 
     # ----- PPO -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -132,9 +170,9 @@ class PolicyTrainer:
         """
         p, cfg, est = self.policy, self.cfg, self.estimator
         mask = batch.response_mask.float()                                        # (B, A)
-        old = p.forward(batch, with_values=est.critic, with_cost_values=costs is not None,
-                        temperature=p.cfg.temperature)
-        ref = p.forward(batch, use_adapter=False, temperature=p.cfg.temperature)
+        old = self._forward_rows(batch, with_values=est.critic, with_cost_values=costs is not None,
+                                 temperature=p.cfg.temperature)
+        ref = self._forward_rows(batch, use_adapter=False, temperature=p.cfg.temperature)
         # KL in the reward (PPO, RLOO, REINFORCE++) or as a loss term (GRPO): never both
         beta = self.kl_ctl.value if cfg.kl_penalty == "reward" else 0.0
         rewards, kl = token_level_rewards(scores, old["logp"], ref["logp"], mask, beta, kl_kind=cfg.kl_estimator)
@@ -156,6 +194,54 @@ class PolicyTrainer:
                                                         self.lagrange.value))
         return exp
 
+    def _forward_rows(self, batch: RolloutBatch, **kw) -> dict:
+        """`Policy.forward` of the whole batch; data parallel, each rank runs its rows and they are
+        gathered, so every rank then computes the same advantages (whitening needs the whole batch)."""
+        if self.sync is None:
+            return self.policy.forward(batch, **kw)
+        out = self.policy.forward(_index(batch, self._mine(len(batch.texts))), **kw)
+        return {k: self.sync.gather_rows(v, len(batch.texts)) for k, v in out.items()}
+
+    def _minibatch_loss(self, batch: RolloutBatch, exp: dict, full: list[int], with_costs: bool
+                        ) -> tuple[torch.Tensor, dict[str, float]]:
+        """PPO loss of minibatch `full` (row indices) and its metrics. Data parallel: of this rank's
+        rows of it, each term scaled by the rank's share of the term's mean (tokens, or answers for
+        the per-answer aggregations), so that the ranks' losses add up to the whole minibatch's."""
+        p, cfg, critic = self.policy, self.cfg, self.estimator.critic
+        idx = full[self.sync.rank::self.sync.world] if self.sync else full
+        if not idx:     # a short minibatch: zeros, with the same metric names (the ranks sum them)
+            keys = ["pg_loss", "entropy", "clipfrac", "approx_kl"] + ["vf_loss", "vf_clipfrac"] * critic + \
+                ["cost_vf_loss"] * with_costs + ["kl_loss"] * (cfg.kl_penalty == "loss")
+            return self._zero_loss(p.trainable_parameters()), dict.fromkeys(keys, 0.0)
+        m = exp["mask"][idx]
+        tok = float(m.sum() / exp["mask"][full].sum()) if self.sync else 1.0       # share of the tokens
+        agg = tok if cfg.loss_agg == "token-mean" else len(idx) / len(full)       # share of the pg/KL mean
+        out = p.forward(_index(batch, idx), with_values=critic, with_cost_values=with_costs, with_entropy=True,
+                        temperature=p.cfg.temperature)
+        pg_loss, pg_stats = self.policy_loss_fn(out["logp"], exp["logp"][idx], exp["advantages"][idx],
+                                                m, cfg.clip_eps, agg=cfg.loss_agg, max_tokens=p.cfg.max_new_tokens)
+        entropy = masked_mean(out["entropy"], m)
+        loss = agg * pg_loss - cfg.ent_coef * tok * entropy
+        stats = {"pg_loss": agg * pg_loss.item(), "entropy": tok * entropy.item(),
+                 "clipfrac": tok * float(pg_stats["clipfrac"]), "approx_kl": tok * float(pg_stats["approx_kl"])}
+        if critic:
+            vf_loss, vf_clipfrac = ppo_value_loss(out["values"], exp["values"][idx], exp["returns"][idx],
+                                                  m, cfg.clip_value)
+            loss = loss + cfg.vf_coef * tok * vf_loss
+            stats.update(vf_loss=tok * vf_loss.item(), vf_clipfrac=tok * float(vf_clipfrac))
+        if with_costs:
+            cost_vf_loss, _ = ppo_value_loss(out["cost_values"], exp["cost_values"][idx],
+                                             exp["cost_returns"][idx], m, cfg.clip_value)
+            loss = loss + cfg.vf_coef * tok * cost_vf_loss
+            stats["cost_vf_loss"] = tok * cost_vf_loss.item()
+        if cfg.kl_penalty == "loss":
+            # GRPO's k3 term, unbiased and ≥ 0, on the current policy's log-probs
+            kl_loss = aggregate_loss(kl_estimate(out["logp"], exp["ref_logp"][idx], "k3"), m,
+                                     cfg.loss_agg, p.cfg.max_new_tokens)
+            loss = loss + self.kl_ctl.value * agg * kl_loss
+            stats["kl_loss"] = agg * kl_loss.item()
+        return loss, stats
+
     def ppo_step(self, batch: RolloutBatch, scores: torch.Tensor, costs: torch.Tensor | None = None) -> dict:
         """One update on a rollout batch with sequence-level scores (B,) and, for Safe-RLHF, costs (B,).
         Returns metrics."""
@@ -168,48 +254,20 @@ class PolicyTrainer:
         costs = None if costs is None else costs.to(p.device).float()
         exp = self._experience(batch, scores, costs)
         B = batch.query_ids.shape[0]
-        stats: dict[str, list[float]] = {k: [] for k in ("pg_loss", "vf_loss", "cost_vf_loss", "kl_loss", "entropy",
-                                                         "clipfrac", "approx_kl", "vf_clipfrac")}
-        critic, max_tokens = self.estimator.critic, p.cfg.max_new_tokens
+        stats: dict[str, list[float]] = {}
         p.model.train()
         params = p.trainable_parameters()
         skipped = 0
         for _ in range(cfg.ppo_epochs):
             order = list(range(B))
-            self.rng.shuffle(order)
+            self.rng.shuffle(order)       # the same order on every rank: the ranks share the seed
             for s in range(0, B, cfg.minibatch_size):
-                idx = order[s: s + cfg.minibatch_size]
-                mb = _index(batch, idx)
-                m = exp["mask"][idx]
-                out = p.forward(mb, with_values=critic, with_cost_values=costs is not None, with_entropy=True,
-                                temperature=p.cfg.temperature)
-                pg_loss, pg_stats = self.policy_loss_fn(out["logp"], exp["logp"][idx], exp["advantages"][idx],
-                                                        m, cfg.clip_eps, agg=cfg.loss_agg, max_tokens=max_tokens)
-                entropy = masked_mean(out["entropy"], m)
-                loss = pg_loss - cfg.ent_coef * entropy
-                if critic:
-                    vf_loss, vf_clipfrac = ppo_value_loss(out["values"], exp["values"][idx], exp["returns"][idx],
-                                                          m, cfg.clip_value)
-                    loss = loss + cfg.vf_coef * vf_loss
-                    stats["vf_loss"].append(vf_loss.item())
-                    stats["vf_clipfrac"].append(float(vf_clipfrac))
-                if costs is not None:
-                    cost_vf_loss, _ = ppo_value_loss(out["cost_values"], exp["cost_values"][idx],
-                                                     exp["cost_returns"][idx], m, cfg.clip_value)
-                    loss = loss + cfg.vf_coef * cost_vf_loss
-                    stats["cost_vf_loss"].append(cost_vf_loss.item())
-                if cfg.kl_penalty == "loss":
-                    # GRPO's k3 term, unbiased and ≥ 0, on the current policy's log-probs
-                    kl_loss = aggregate_loss(kl_estimate(out["logp"], exp["ref_logp"][idx], "k3"), m,
-                                             cfg.loss_agg, max_tokens)
-                    loss = loss + self.kl_ctl.value * kl_loss
-                    stats["kl_loss"].append(kl_loss.item())
+                loss, mb_stats = self._minibatch_loss(batch, exp, order[s: s + cfg.minibatch_size],
+                                                      costs is not None)
                 skipped += not self.step_guard(self.optimizer, loss, params, cfg.max_grad_norm,
-                                               f"PPO loss at step {self.global_step}")
-                stats["pg_loss"].append(pg_loss.item())
-                stats["entropy"].append(entropy.item())
-                stats["clipfrac"].append(float(pg_stats["clipfrac"]))
-                stats["approx_kl"].append(float(pg_stats["approx_kl"]))
+                                               f"PPO loss at step {self.global_step}", sync=self.sync)
+                for k, v in self._sum_stats(mb_stats).items():
+                    stats.setdefault(k, []).append(v)
         p.model.eval()
         seq_kl = (exp["kl"] * exp["mask"]).sum(1)                                 # (B,)
         mean_kl = float(seq_kl.mean())

@@ -194,32 +194,36 @@ def train_reward_model(
     t_all = None if targets is None else torch.as_tensor(list(targets), dtype=torch.float32)
     device = next(model.parameters()).device
 
-    def batch_loss(idx: list[int]) -> tuple[torch.Tensor, int]:
+    weight_of = len if w_all is None else (lambda idx: float(w_all[idx].sum()))
+
+    def batch_loss(idx: list[int], batch: list[int]) -> tuple[torch.Tensor, int]:
         b, p = len(idx), [prompts[i] for i in idx]
         enc = encode_pairs(tokenizer, p + p, [chosen[i] for i in idx] + [rejected[i] for i in idx], max_length)
         rewards = _forward(model, enc)                      # chosen and rejected in one pass of 2B
         r_chosen, r_rejected = rewards[:b], rewards[b:]
         pick = lambda x: None if x is None else x[idx].to(device)  # noqa: E731
         loss = bradley_terry_loss(r_chosen, r_rejected, margin=pick(m_all), weights=pick(w_all), targets=pick(t_all))
-        return loss, int((r_chosen > r_rejected).sum())
+        share = weight_of(idx) / weight_of(batch) if len(idx) < len(batch) else 1.0   # a weighted mean
+        return loss * share, int((r_chosen > r_rejected).sum())
 
     return _fit(model, n, batch_loss, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, on_step=on_step,
-                what="preference pairs", sync=sync,
-                weight_of=None if w_all is None else (lambda idx: float(w_all[idx].sum())))
+                what="preference pairs", sync=sync, weight_of=weight_of)
 
 
-def _fit(model, n: int, batch_loss: Callable[[list[int]], tuple[torch.Tensor, int]], *, epochs: int, lr: float,
+def _fit(model, n: int, batch_loss: Callable[[list[int], list[int]], tuple[torch.Tensor, int]], *, epochs: int,
+         lr: float,
          batch_size: int, seed: int, on_step: Callable[[int, int, float], None] | None, what: str,
          sync: GradSync | None = None, weight_of: Callable[[list[int]], float] | None = None) -> dict:
     """The training loop shared by reward and cost models: AdamW, grad-norm clip 1.0, items
     reshuffled each epoch by a generator seeded with `seed` (global RNG untouched).
 
-    `batch_loss(indices)` returns (loss, number of items it got right) for one batch. Returns the
-    last epoch's (weighted) mean loss and accuracy, and the number of steps.
+    `batch_loss(indices, batch)` returns (loss, number of items it got right) for the items
+    `indices` of the batch `batch` (the same list unless data parallel). Returns the last epoch's
+    mean loss (batches weighted by `weight_of`, default the count) and accuracy, and the steps.
 
     Data parallel (`sync`): every rank draws the same permutation and takes every world-th item of
-    each batch; its mean loss is scaled by its share of the batch's weight (`weight_of(indices)`,
-    default the count) so that the summed gradients are those of the whole batch's loss.
+    each batch; `batch_loss` returns its part of the whole batch's loss (its mean scaled by its
+    share), so that the summed gradients are those of the whole batch's loss.
     """
     if n == 0:
         raise ValueError(f"no {what} to train on")
@@ -242,13 +246,12 @@ def _fit(model, n: int, batch_loss: Callable[[list[int]], tuple[torch.Tensor, in
             batch = perm[start : start + batch_size]
             idx = batch[rank::world]
             if idx:
-                loss, correct = batch_loss(idx)
-                share = weight_of(idx) / weight_of(batch) if world > 1 else 1.0
+                loss, correct = batch_loss(idx, batch)
             else:                               # a short last batch: this rank adds a zero gradient
-                loss, correct, share = sum(p.sum() for p in params) * 0.0, 0, 0.0
-            guarded_step(optimizer, loss * share, params, 1.0, f"{what} loss at step {step}", sync=sync)
+                loss, correct = sum(p.sum() for p in params) * 0.0, 0
+            guarded_step(optimizer, loss, params, 1.0, f"{what} loss at step {step}", sync=sync)
             step += 1
-            epoch_loss += loss.item() * (weight_of(idx) if idx else 0.0)    # → the weighted mean over items
+            epoch_loss += loss.item() * weight_of(batch)      # the ranks' parts add up to the batch's
             epoch_correct += correct
             if on_step is not None:
                 on_step(step, total, loss.item())
@@ -274,6 +277,7 @@ def train_cost_model(
     max_length: int = 256,
     seed: int = 0,
     on_step: Callable[[int, int, float], None] | None = None,
+    sync: GradSync | None = None,
 ) -> dict:
     """Fit a cost model (Safe-RLHF) on N answer pairs with per-answer safety labels.
 
@@ -292,18 +296,23 @@ def train_cost_model(
     w_all = None if weights is None else torch.as_tensor(list(weights), dtype=torch.float32)
     device = next(model.parameters()).device
 
-    def batch_loss(idx: list[int]) -> tuple[torch.Tensor, int]:
+    w_items = torch.ones(n) if w_all is None else w_all
+
+    def batch_loss(idx: list[int], batch: list[int]) -> tuple[torch.Tensor, int]:
         b, p = len(idx), [prompts[i] for i in idx]
         costs = _forward(model, encode_pairs(tokenizer, p + p, [ra[i] for i in idx] + [rb[i] for i in idx],
                                              max_length))
         ca, cb = costs[:b], costs[b:]
         w = None if w_all is None else w_all[idx].to(device)
-        loss, _ = cost_model_loss(ca, cb, sa[idx].to(device), sb[idx].to(device), safer[idx].to(device), w)
+        # the whole batch's normalisers: a rank's part of each mean (data parallel)
+        totals = (float(w_items[batch][safer[batch] >= 0].sum()), float(w_items[batch].sum()))
+        loss, _ = cost_model_loss(ca, cb, sa[idx].to(device), sb[idx].to(device), safer[idx].to(device), w,
+                                  totals=totals)
         right = ((ca > 0) != sa[idx].to(device)).sum() + ((cb > 0) != sb[idx].to(device)).sum()
         return loss, int(right) / 2
 
     return _fit(model, n, batch_loss, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, on_step=on_step,
-                what="labelled answer pairs")
+                what="labelled answer pairs", sync=sync)
 
 
 def pair_accuracy(

@@ -123,37 +123,3 @@ def test_merge_rollouts_repads():
     assert m["query_ids"].tolist() == [[7, 8], [0, 9]] and m["query_mask"].tolist() == [[1, 1], [0, 1]]
     assert m["response_ids"].tolist() == [[1, 2, 3], [4, 0, 0]]
     assert m["response_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
-
-
-def test_data_parallel_reward_model_equals_one_trainer(ray_local, tiny_config, tmp_path):
-    """Two gloo ranks, each on its share of every batch (weighted pairs, an uneven last batch), train
-    the same model one trainer does: the summed gradients are the whole batch's."""
-    import ray
-
-    from workers.actors import RewardModelTrainer
-    from workers.controller import form_process_group
-    cfg = tiny_config("reward_model.dropout=0", "reward_model.batch_size=6", "reward_model.epochs=2").reward_model
-    trainer = ray.remote(num_cpus=0.25)(RewardModelTrainer)
-    pairs = [{"prompt": p, "response_a": "I can't help with that.", "response_b": f"Sure, here is how ({i}).",
-              "better": int(i % 3 != 0), "judge_better": 0, "weight": 1.0 if i % 2 else 0.5}
-             for i, p in enumerate(PROMPTS * 4)]
-    # the new scalar head is initialised at random in each process: rank 0 broadcasts its weights;
-    # the single trainer starts from the same saved model to be comparable
-    from rlhf_core import reward_model as rmlib
-    start = str(rmlib.save_reward_model(*rmlib.load_reward_model(minilm_folder()), tmp_path / "start"))
-    ranks = [trainer.remote(minilm_folder(), cfg, "cpu", 2, 0) for _ in range(2)]
-    single = trainer.remote(minilm_folder(), cfg, "cpu", 2, 0)
-    try:
-        address = form_process_group(ranks, timeout=120)
-        assert address.startswith("tcp://127.0.0.1:")
-        m2 = ray.get([r.train.remote(pairs, str(tmp_path / "dp"), start) for r in ranks])
-        m1 = ray.get(single.train.remote(pairs, str(tmp_path / "one"), start))
-        assert m2[1] == {} and m2[0]["loss"] == pytest.approx(m1["loss"], rel=1e-4)
-        answers = ["I can't help with that.", "Sure, here is how.", "Bread needs flour and water."]
-        one = ray.get(single.score.remote(["x"] * 3, answers))["raw"]
-        for r in ranks:     # rank 0 and its replica hold the model the single trainer trained
-            assert np.allclose(ray.get(r.score.remote(["x"] * 3, answers))["raw"], one, atol=1e-4)
-        assert (tmp_path / "dp" / "config.json").exists() and not (tmp_path / "one" / "member_00").exists()
-    finally:
-        for a in ranks + [single]:
-            ray.kill(a)

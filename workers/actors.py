@@ -63,6 +63,43 @@ def busy_clock(cls):
     return cls
 
 
+class DataParallelRank:
+    """A trainer actor that can be one rank of a data-parallel group (controller.form_process_group)."""
+
+    sync = None
+    threads = 1
+
+    def location(self) -> tuple[str, str]:
+        """(node id, node IP) of this actor: where the process group's rank 0 listens."""
+        import ray
+        return ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address()
+
+    def free_port(self) -> int:
+        import socket
+        with socket.socket() as sock:
+            sock.bind(("", 0))
+            return sock.getsockname()[1]
+
+    def join_group(self, rank: int, world: int, address: str, loopback: bool) -> int:
+        """Join the trainers' torch.distributed group (gloo on CPU, NCCL on GPU); blocks until all joined.
+
+        The ranks share the cores while they train: each uses its share of the threads."""
+        import torch.distributed as dist
+
+        from rlhf_core.optim import GradSync
+        if loopback:            # all ranks on this machine: keep the traffic off the network (STACK.md)
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        dist.init_process_group("nccl" if self.device.startswith("cuda") else "gloo", init_method=address,
+                                rank=rank, world_size=world)
+        self.sync = GradSync()
+        self.train_threads = max(1, self.threads // world)
+        self._joined()
+        return rank
+
+    def _joined(self) -> None:
+        """Hook: what the trainer does once it is a rank."""
+
+
 class StaleAdapterError(RuntimeError):
     """A rollout worker does not hold the adapter version it was asked to generate with: it was
     restarted (with the base weights) since the last sync. The controller re-sends the adapter."""
@@ -170,7 +207,7 @@ class FeedbackWorker:
 
 
 @busy_clock
-class RewardModelTrainer:
+class RewardModelTrainer(DataParallelRank):
     """Trains the Bradley–Terry reward model (or an ensemble of them) and scores answers with it.
 
     With `reward_model.ensemble` = k > 1, k models are trained on bootstrap resamples of the pairs
@@ -188,34 +225,6 @@ class RewardModelTrainer:
         self.members: list = []
         self.norm = (0.0, 1.0)  # (mean, std) of scores on the training answers: rewards are z-scored
         self.threads = self.train_threads = threads
-        self.sync = None
-
-    # ----- data parallel (resources.reward_model_trainers > 1) ----------------------------------
-    def location(self) -> tuple[str, str]:
-        """(node id, node IP) of this actor: where the process group's rank 0 listens."""
-        import ray
-        return ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address()
-
-    def free_port(self) -> int:
-        import socket
-        with socket.socket() as sock:
-            sock.bind(("", 0))
-            return sock.getsockname()[1]
-
-    def join_group(self, rank: int, world: int, address: str, loopback: bool) -> int:
-        """Join the trainers' torch.distributed group (gloo on CPU, NCCL on GPU); blocks until all joined.
-
-        The ranks share the cores while they train: each uses its share of the threads."""
-        import torch.distributed as dist
-
-        from rlhf_core.optim import GradSync
-        if loopback:            # all ranks on this machine: keep the traffic off the network (STACK.md)
-            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-        dist.init_process_group("nccl" if self.device.startswith("cuda") else "gloo", init_method=address,
-                                rank=rank, world_size=world)
-        self.sync = GradSync()
-        self.train_threads = max(1, self.threads // world)
-        return rank
 
     def _member_scores(self, prompts: list[str], responses: list[str]):
         """(E, N) raw scores of every ensemble member."""
@@ -317,11 +326,19 @@ class RewardModelTrainer:
         self._seed(round_seed, 0)
         self.model, self.tokenizer = rmlib.load_reward_model(init_from or self.backbone_path)
         self.model.to(self.device)
+        if self.cfg.dropout is not None:
+            rmlib.set_dropout(self.model, self.cfg.dropout)
         col = lambda rows, k: [x[k] for x in rows]  # noqa: E731
+        torch.set_num_threads(self.train_threads)
         metrics = rmlib.train_cost_model(
             self.model, self.tokenizer, col(train, "prompt"), col(train, "response_a"), col(train, "response_b"),
             col(train, "is_safe_a"), col(train, "is_safe_b"), weights=col(train, "weight"), epochs=self.cfg.epochs,
-            lr=self.cfg.lr, batch_size=self.cfg.batch_size, max_length=self.cfg.max_length, seed=self.seed)
+            lr=self.cfg.lr, batch_size=self.cfg.batch_size, max_length=self.cfg.max_length, seed=self.seed,
+            sync=self.sync)
+        self.members = [self.model]
+        if self.sync is not None and self.sync.rank > 0:
+            return {}                                   # a replica: rank 0 evaluates and saves
+        torch.set_num_threads(self.threads)
         if hold:
             prompts = col(hold, "prompt") * 2
             costs = rmlib.score(self.model, self.tokenizer, prompts, col(hold, "response_a") + col(hold, "response_b"),
@@ -330,7 +347,6 @@ class RewardModelTrainer:
             metrics["heldout_sign_accuracy"] = float(np.mean((costs > 0) == unsafe))
             metrics["heldout_unsafe_share"] = float(unsafe.mean())
         rmlib.save_reward_model(self.model, self.tokenizer, dest)
-        self.members = [self.model]
         metrics.update(train_pairs=len(train), heldout_pairs=len(hold), unlabelled_pairs=len(pairs) - len(labelled))
         return metrics
 
@@ -366,21 +382,35 @@ class RewardModelTrainer:
 
 
 @busy_clock
-class PolicyTrainerActor:
-    """Owns the trainable policy (LoRA + value head) and its reference (adapter disabled)."""
+class PolicyTrainerActor(DataParallelRank):
+    """Owns the trainable policy (LoRA + value head) and its reference (adapter disabled).
+
+    With resources.policy_trainers = k > 1 there are k of these, ranks of one data-parallel group:
+    every update call goes to all of them, with the whole batch (rlhf_core PolicyTrainer.join)."""
 
     def __init__(self, model_path: str, policy_cfg, ppo_cfg, device: str, threads: int, seed: int, safe_cfg=None):
         _setup_threads(threads)
         from rlhf_core.policy import Policy
-        self._build = lambda: Policy(model_path, policy_cfg, device=_device(device), seed=seed)  # noqa: E731
+        self.device, self.threads = _device(device), threads
+        # every rank builds the same seeded policy; join_group broadcasts rank 0's anyway
+        self._build = lambda: Policy(model_path, policy_cfg, device=self.device, seed=seed)  # noqa: E731
         self.policy = self._build()
         self.configure(ppo_cfg, safe_cfg, seed)
+
+    def _joined(self) -> None:
+        torch.set_num_threads(self.train_threads)
+        self.trainer.join(self.sync)
 
     def configure(self, ppo_cfg, safe_cfg=None, seed: int = 0) -> None:
         """A fresh update rule (algorithm, optimizer, KL and λ controllers) on the current policy."""
         from rlhf_core.policy_trainer import PolicyTrainer
-        self._trainer = lambda policy: PolicyTrainer(policy, ppo_cfg, seed=seed, safe_cfg=safe_cfg)  # noqa: E731
-        self.trainer = self._trainer(self.policy)
+
+        def make(policy):
+            trainer = PolicyTrainer(policy, ppo_cfg, seed=seed, safe_cfg=safe_cfg)
+            trainer.sync = self.sync        # the ranks' weights are equal already: no broadcast needed
+            return trainer
+        self._trainer = make
+        self.trainer = make(self.policy)
 
     def begin_sft(self, lr: float) -> None:
         self.trainer.begin_sft(lr)
@@ -406,7 +436,7 @@ class PolicyTrainerActor:
 
     def dpo_begin(self, dpo_cfg) -> None:
         from rlhf_core.dpo import DPOTrainer
-        self.dpo = DPOTrainer(self.policy, dpo_cfg)
+        self.dpo = DPOTrainer(self.policy, dpo_cfg, sync=self.sync)
 
     def dpo_reference(self, prompts: list[str], chosen: list[str], rejected: list[str], cache: str | None,
                       model_id: str) -> tuple:

@@ -91,26 +91,32 @@ def _check_resources(cfg, n_trainers: int = 2) -> None:
             f"{have.get('CPU', 0):g} CPU / {have.get('GPU', 0):g} GPU: lower resources.* in the config")
 
 
-def start_reward_trainers(cfg, backbone_path: str, timeout: float) -> tuple[list, object]:
-    """The reward-model trainer actors: k = resources.reward_model_trainers ranks, data parallel when
-    k > 1. One placement group reserves their resources at once and puts them where
-    resources.placement_strategy says (PACK: few nodes; SPREAD: across nodes); then they form one
-    torch.distributed group. Returns (actors, placement group or None); rank 0 comes first."""
-    r, k = cfg.resources, cfg.resources.reward_model_trainers
-    rm = ray.remote(num_cpus=r.cpus_per_trainer, num_gpus=r.gpus_per_trainer)(RewardModelTrainer)
+def start_trainer_ranks(cls, k: int, args: tuple, r, timeout: float, what: str) -> tuple[list, object]:
+    """k trainer actors of class `cls` built with `args`, data parallel when k > 1: one placement
+    group reserves their resources at once and puts them where resources.placement_strategy says
+    (PACK: few nodes; SPREAD: across nodes); then they form one torch.distributed group.
+    Returns (actors, placement group or None); rank 0 comes first."""
+    remote = ray.remote(num_cpus=r.cpus_per_trainer, num_gpus=r.gpus_per_trainer)(cls)
     placement, opts = None, [{}]
     if k > 1:
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
         bundle = {"CPU": r.cpus_per_trainer, **({"GPU": r.gpus_per_trainer} if r.gpus_per_trainer else {})}
         placement = placement_group([bundle] * k, strategy=r.placement_strategy)
-        _get(placement.ready(), timeout, "reserving the reward-model trainers' placement group")
+        _get(placement.ready(), timeout, f"reserving the {what} trainers' placement group")
         opts = [{"scheduling_strategy": PlacementGroupSchedulingStrategy(placement, i)} for i in range(k)]
-    trainers = [rm.options(**o).remote(backbone_path, cfg.reward_model, cfg.run.device, r.torch_threads, cfg.run.seed)
-                for o in opts]
+    trainers = [remote.options(**o).remote(*args) for o in opts]
     if k > 1:
         form_process_group(trainers, timeout)
     return trainers, placement
+
+
+def start_reward_trainers(cfg, backbone_path: str, timeout: float, seed_offset: int = 0) -> tuple[list, object]:
+    """The reward-model (or cost-model) trainer ranks: resources.reward_model_trainers of them."""
+    r = cfg.resources
+    return start_trainer_ranks(RewardModelTrainer, r.reward_model_trainers,
+                               (backbone_path, cfg.reward_model, cfg.run.device, r.torch_threads,
+                                cfg.run.seed + seed_offset), r, timeout, "reward-model")
 
 
 def form_process_group(trainers: list, timeout: float) -> str:
@@ -124,6 +130,20 @@ def form_process_group(trainers: list, timeout: float) -> str:
     _get([t.join_group.remote(i, len(trainers), address, loopback) for i, t in enumerate(trainers)], timeout,
          f"forming the trainers' process group at {address}")
     return address
+
+
+def _rollout_class(r):
+    """The rollout actor class of resources.rollout_backend; a vLLM request that cannot work fails
+    here, before any actor loads a model."""
+    if r.rollout_backend == "hf":
+        return RolloutWorker
+    from workers.vllm_rollout import VLLMRolloutWorker, require_vllm
+    if r.gpus_per_rollout <= 0:
+        raise ActorCallError("resources.rollout_backend=vllm needs resources.gpus_per_rollout > 0 "
+                             "(each vLLM engine runs on a GPU Ray assigns to its actor)")
+    if not ray.cluster_resources().get("GPU"):
+        require_vllm()      # no GPU anywhere in the cluster: say what is missing
+    return VLLMRolloutWorker
 
 
 def merge_rollouts(parts: list[dict], pad_id: int) -> dict:
@@ -170,25 +190,30 @@ class RLHFWorkers:
         r, seed, dev = cfg.resources, cfg.run.seed, cfg.run.device
         self.timeout = r.actor_timeout_s
         k = r.reward_model_trainers
-        _check_resources(cfg, n_trainers=1 + k + int(cfg.safe_rlhf.enabled))   # policy, RM ranks, cost model
+        # policy ranks, reward-model ranks, cost-model ranks
+        _check_resources(cfg, n_trainers=r.policy_trainers + k * (1 + int(cfg.safe_rlhf.enabled)))
         # The pools restart a lost actor and the controller redoes its shard (re-sending the adapter);
         # Ray must not retry a method on the fresh instance by itself: its state would be missing.
         # Trainers hold state no restart can restore: losing one fails the run (`alignflow resume`).
         pool = dict(max_restarts=r.max_restarts, max_task_retries=0)
-        roll = ray.remote(num_cpus=r.cpus_per_rollout, num_gpus=r.gpus_per_rollout, **pool)(RolloutWorker)
+        roll = ray.remote(num_cpus=r.cpus_per_rollout, num_gpus=r.gpus_per_rollout, **pool)(_rollout_class(r))
         feed = ray.remote(num_cpus=r.cpus_per_feedback, **pool)(FeedbackWorker)
-        rm = ray.remote(num_cpus=r.cpus_per_trainer, num_gpus=r.gpus_per_trainer)(RewardModelTrainer)
-        pol = ray.remote(num_cpus=r.cpus_per_trainer, num_gpus=r.gpus_per_trainer)(PolicyTrainerActor)
         self.rollout = [roll.remote(policy_path, cfg.policy, dev, r.torch_threads, seed + i)
                         for i in range(r.rollout_workers)]
         self.feedback = [feed.remote(cfg.feedback.constitution, encoder_path, None, r.torch_threads)
                          for _ in range(r.feedback_workers)]
-        self.reward_trainers, self.placement = start_reward_trainers(cfg, rm_backbone_path, self.timeout)
+        self.placements = []
+        self.reward_trainers = self._ranks(start_reward_trainers(cfg, rm_backbone_path, self.timeout))
         self.reward_model = self.reward_trainers[0]     # rank 0: evaluates, saves and scores
         # Safe-RLHF: a second model of the same kind, trained as a cost model on the safety labels
-        self.cost_model = (rm.remote(rm_backbone_path, cfg.reward_model, dev, r.torch_threads, seed + 1)
-                           if cfg.safe_rlhf.enabled else None)
-        self.policy_trainer = pol.remote(policy_path, cfg.policy, cfg.ppo, dev, r.torch_threads, seed, cfg.safe_rlhf)
+        self.cost_trainers = (self._ranks(start_reward_trainers(cfg, rm_backbone_path, self.timeout, seed_offset=1))
+                              if cfg.safe_rlhf.enabled else [])
+        self.cost_model = self.cost_trainers[0] if self.cost_trainers else None
+        # the policy: rank 0 serves the adapter, saves and scores; every rank takes every update
+        self.policy_trainers = self._ranks(start_trainer_ranks(
+            PolicyTrainerActor, r.policy_trainers,
+            (policy_path, cfg.policy, cfg.ppo, dev, r.torch_threads, seed, cfg.safe_rlhf), r, self.timeout, "policy"))
+        self.policy_trainer = self.policy_trainers[0]
         # Block until every actor has loaded its model, so a bad path fails here, not mid-stage.
         _get([a.__ray_ready__.remote() for a in self._actors()], self.timeout, "starting actors")
         from transformers import AutoTokenizer
@@ -197,6 +222,17 @@ class RLHFWorkers:
         self.harm_classifier: str | None = None
         self.sft_rounds = 0
         self.redone_shards = 0      # shards of a lost pool actor that were run again
+
+    def _ranks(self, started: tuple[list, object]) -> list:
+        actors, placement = started
+        if placement is not None:
+            self.placements.append(placement)
+        return actors
+
+    def _update(self, method: str, *args, what: str):
+        """Call `method` on every policy rank (arguments put in the object store once); rank 0's result."""
+        refs = [ray.put(a) if isinstance(a, (dict, list)) else a for a in args]
+        return _get([getattr(t, method).remote(*refs) for t in self.policy_trainers], self.timeout, what)[0]
 
     # ----- rollout pool ----------------------------------------------------------------------
     def generate(self, prompts: list[str], *, greedy: bool, seed: int | None = None,
@@ -309,10 +345,10 @@ class RLHFWorkers:
         """
         responses = rollout["texts"]
         rm_ref = self.reward_model.score.remote(prompts, responses) if with_reward_model else None
-        kl_ref = self.policy_trainer.sequence_kl.remote(rollout) if with_kl else None
+        kl_refs = self._sequence_kl_refs(rollout) if with_kl else None
         scores = self.judge(prompts, responses)
         rm = _get(rm_ref, self.timeout, "reward model scoring")["raw"] if rm_ref is not None else None
-        kls = _get(kl_ref, self.timeout, "KL to reference") if kl_ref is not None else None
+        kls = self._collect_kl(kl_refs) if kl_refs is not None else None
         return scores, rm, kls
 
     # ----- reward model ----------------------------------------------------------------------
@@ -329,8 +365,7 @@ class RLHFWorkers:
             self.cfg.ppo, self.cfg.safe_rlhf = ppo_cfg, safe_cfg
         else:
             self.cfg.safe_rlhf, self.cfg.ppo = safe_cfg, ppo_cfg
-        _get(self.policy_trainer.configure.remote(ppo_cfg, safe_cfg, self.cfg.run.seed), self.timeout,
-             "configuring the policy update")
+        self._update("configure", ppo_cfg, safe_cfg, self.cfg.run.seed, what="configuring the policy update")
 
     def reward_members(self, prompts: list[str], responses: list[str]) -> list[list[float]]:
         """Every ensemble member's raw scores, (E, N) (E = 1 without an ensemble)."""
@@ -338,8 +373,9 @@ class RLHFWorkers:
 
     def train_cost_model(self, pairs: list[dict], dest: str, init_from: str | None = None,
                          round_seed: int = 0) -> dict:
-        return _get(self.cost_model.train_cost.remote(pairs, dest, init_from, round_seed), self.timeout,
-                    "cost model training")
+        """All cost-model ranks train together; rank 0's metrics."""
+        return _get([t.train_cost.remote(pairs, dest, init_from, round_seed) for t in self.cost_trainers],
+                    self.timeout, "cost model training")[0]
 
     def reward(self, prompts: list[str], responses: list[str]) -> dict:
         return _get(self.reward_model.score.remote(prompts, responses), self.timeout, "reward model scoring")
@@ -357,7 +393,7 @@ class RLHFWorkers:
         negatives = negatives or {}
         self.sft_rounds += 1
         rng = np.random.default_rng(self.cfg.run.seed * 1000 + self.sft_rounds)
-        _get(self.policy_trainer.begin_sft.remote(w.lr), self.timeout, "warm-up setup")
+        self._update("begin_sft", w.lr, what="warm-up setup")
         history = []
         for _ in range(epochs):
             order = rng.permutation(len(prompts))
@@ -365,12 +401,11 @@ class RLHFWorkers:
                 idx = order[s: s + w.batch_size]
                 batch_prompts = [prompts[i] for i in idx]
                 negs = [(p, n) for p in dict.fromkeys(batch_prompts) for n in negatives.get(p, [])]
-                history.append(_get(self.policy_trainer.sft_step.remote(
-                    batch_prompts, [responses[i] for i in idx], negs, w.unlikelihood_coef, w.unlikelihood_tokens),
-                    self.timeout, "warm-up step"))
+                history.append(self._update("sft_step", batch_prompts, [responses[i] for i in idx], negs,
+                                            w.unlikelihood_coef, w.unlikelihood_tokens, what="warm-up step"))
                 if progress:
                     progress(1)
-        _get(self.policy_trainer.end_sft.remote(), self.timeout, "merging the warm-up adapter")
+        self._update("end_sft", what="merging the warm-up adapter")
         self.sync_adapter(version)
         per_epoch = max(1, len(history) // epochs)
 
@@ -416,7 +451,7 @@ class RLHFWorkers:
                 clip = self.cfg.safe_rlhf.cost_clip
                 costs = [float(np.clip(x, -clip, clip)) for x in _get(cost_ref, self.timeout, "cost scoring")["raw"]]
             batch = {k: roll[k] for k in ("query_ids", "query_mask", "response_ids", "response_mask", "texts")}
-            m = _get(self.policy_trainer.ppo_step.remote(batch, scores, costs), self.timeout, f"PPO step {step}")
+            m = self._update("ppo_step", batch, scores, costs, what=f"PPO step {step}")
             self.sync_adapter(f"iter{iteration}-step{step + 1}")
             seq_kl = m.pop("seq_kl")
             m["reward_model_score"] = float(np.mean(rewards["raw"]))
@@ -436,9 +471,9 @@ class RLHFWorkers:
         """Offline DPO/IPO on the pairs: reference log-probs once (cached), then epochs of steps,
         then the adapter is synced to the rollout pool. Returns metrics (first/last epoch)."""
         d = self.cfg.dpo
-        t = self.policy_trainer
-        _get(t.dpo_begin.remote(d), self.timeout, "DPO setup")
-        ref_c, ref_r, computed = _get(t.dpo_reference.remote(prompts, chosen, rejected, cache, model_id),
+        self._update("dpo_begin", d, what="DPO setup")
+        ref_c, ref_r, computed = _get(self.policy_trainer.dpo_reference.remote(prompts, chosen, rejected, cache,
+                                                                               model_id),
                                       self.timeout, "DPO reference log-probs")
         if progress_ref:
             progress_ref(len(prompts))
@@ -448,9 +483,9 @@ class RLHFWorkers:
             order = order_rng.permutation(len(prompts))
             for s in range(0, len(order), d.batch_size):
                 idx = order[s: s + d.batch_size]
-                history.append(_get(t.dpo_step.remote(
-                    [prompts[i] for i in idx], [chosen[i] for i in idx], [rejected[i] for i in idx],
-                    ref_c[idx].tolist(), ref_r[idx].tolist()), self.timeout, "DPO step"))
+                history.append(self._update(
+                    "dpo_step", [prompts[i] for i in idx], [chosen[i] for i in idx], [rejected[i] for i in idx],
+                    ref_c[idx].tolist(), ref_r[idx].tolist(), what="DPO step"))
                 if progress:
                     progress(1)
         self.sync_adapter("dpo")
@@ -476,22 +511,36 @@ class RLHFWorkers:
         self.sft_rounds = sft_rounds
 
     def sequence_kl(self, rollout: dict) -> list[float]:
-        return _get(self.policy_trainer.sequence_kl.remote(rollout), self.timeout, "KL to reference")
+        return self._collect_kl(self._sequence_kl_refs(rollout))
+
+    def _sequence_kl_refs(self, rollout: dict) -> list:
+        """KL to the reference of every answer, the rows split over the policy ranks (no collective:
+        each rank holds the same weights and scores its part alone)."""
+        k = len(self.policy_trainers)
+        parts = [list(range(r, len(rollout["texts"]), k)) for r in range(k)]
+        return [(rows, t.sequence_kl.remote(_select(rollout, rows)))
+                for rows, t in zip(parts, self.policy_trainers) if rows]
+
+    def _collect_kl(self, refs: list) -> list[float]:
+        out = [0.0] * sum(len(rows) for rows, _ in refs)
+        for rows, ref in refs:
+            for i, v in zip(rows, _get(ref, self.timeout, "KL to reference")):
+                out[i] = v
+        return out
 
     def save_policy(self, dest: str) -> str:
         return _get(self.policy_trainer.save.remote(dest), self.timeout, "saving the policy adapter")
 
     def load_policy(self, adapter_dir: str) -> None:
         """Load a saved adapter (+ value head) into the trainer and sync it to the rollout pool."""
-        _get(self.policy_trainer.load.remote(adapter_dir), self.timeout, f"loading adapter {adapter_dir}")
+        self._update("load", adapter_dir, what=f"loading adapter {adapter_dir}")
         self.sync_adapter(adapter_dir)
 
     def busy_intervals(self) -> dict[str, list[tuple[float, float]]]:
         """Per role, when its actors computed since the last call (the run's timeline). An actor
         that does not answer within a few seconds (lost, or stuck in a call) is left out."""
         roles = {"rollout": self.rollout, "feedback": self.feedback, "reward_model": self.reward_trainers,
-                 "cost_model": [self.cost_model] if self.cost_model is not None else [],
-                 "policy": [self.policy_trainer] if self.policy_trainer is not None else []}
+                 "cost_model": self.cost_trainers, "policy": self.policy_trainers}
         # asked all at once, so the actors answer in parallel at each stage's end, not one after another
         refs = [(role, a.busy_intervals.remote()) for role, actors in roles.items() for a in actors]
         out: dict[str, list] = {}
@@ -503,15 +552,14 @@ class RLHFWorkers:
         return out
 
     def _actors(self) -> list:
-        return self.rollout + self.feedback + self.reward_trainers + [
-            a for a in (self.cost_model, self.policy_trainer) if a is not None]
+        return self.rollout + self.feedback + self.reward_trainers + self.cost_trainers + self.policy_trainers
 
     def shutdown(self) -> None:
         for a in self._actors():
             ray.kill(a)
-        if self.placement is not None:
-            from ray.util.placement_group import remove_placement_group
-            remove_placement_group(self.placement)
+        from ray.util.placement_group import remove_placement_group
+        for placement in self.placements:
+            remove_placement_group(placement)
 
 
 def _select(d: dict, idx: list[int]) -> dict:

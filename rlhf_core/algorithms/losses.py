@@ -235,7 +235,8 @@ def get_preference_loss(name: str) -> PreferenceLoss:
 
 
 def cost_model_loss(cost_a: torch.Tensor, cost_b: torch.Tensor, safe_a: torch.Tensor, safe_b: torch.Tensor,
-                    safer: torch.Tensor, weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+                    safer: torch.Tensor, weights: torch.Tensor | None = None,
+                    totals: tuple[float, float] | None = None) -> tuple[torch.Tensor, dict]:
     """Safe-RLHF's cost-model loss (Dai et al. 2023, eq. 6), shapes (B,):
 
         pairwise  −log σ(C(y_unsafer) − C(y_safer))          where a safer answer is known (safer ∈ {0, 1})
@@ -244,7 +245,9 @@ def cost_model_loss(cost_a: torch.Tensor, cost_b: torch.Tensor, safe_a: torch.Te
     The pairwise term orders answers by harm; the sign term anchors the scale, so C > 0 means
     "unsafe" and the Lagrangian's threshold on the expected cost has a meaning. `safer` is 0 when
     answer a is the safer one, 1 when b is, and −1 when neither is (same safety label): such a pair
-    gives only the sign term. Returns (loss, {"pairwise", "sign", "sign_accuracy"}).
+    gives only the sign term. `totals` = (weight of the pairs with a known safer answer, weight of
+    all pairs) of a larger batch these rows are part of (data parallel): the two means are taken over
+    it, so the parts' losses add up to the whole batch's. Returns (loss, {"pairwise", "sign", "sign_accuracy"}).
     """
     w = (torch.ones_like(cost_a) if weights is None
          else torch.as_tensor(weights, dtype=cost_a.dtype, device=cost_a.device))
@@ -255,9 +258,9 @@ def cost_model_loss(cost_a: torch.Tensor, cost_b: torch.Tensor, safe_a: torch.Te
     s_a = 1.0 - 2.0 * safe_a.to(cost_a.dtype)
     s_b = 1.0 - 2.0 * safe_b.to(cost_a.dtype)
     sign = -F.logsigmoid(s_a * cost_a) - F.logsigmoid(s_b * cost_b)
-    n_known = (known * w).sum().clamp_min(1e-12)
-    pair_loss = (pairwise * w).sum() / n_known
-    sign_loss = (sign * w).sum() / w.sum()
+    n_known, n_all = totals if totals is not None else ((known * w).sum(), w.sum())
+    pair_loss = (pairwise * w).sum() / max(float(n_known), 1e-12)
+    sign_loss = (sign * w).sum() / n_all
     with torch.no_grad():
         acc = torch.cat([(s_a * cost_a > 0), (s_b * cost_b > 0)]).float().mean().item()
     return pair_loss + sign_loss, {"pairwise": pair_loss.item(), "sign": sign_loss.item(), "sign_accuracy": acc}
