@@ -348,14 +348,55 @@ def update_policy(run_id: str, k: int) -> str:
     if (rec := st.done(k, "policy")) is not None:
         return rec["adapter"]
     train = [r for r in st.prompts if r["split"] == "train"]
-    with st.progress.task(f"iter {k}: PPO", st.cfg.ppo.steps) as adv:
-        history, experience = st.workers.ppo(train, k, progress=adv)
-    d = st.iter_dir(k)
+    d, steps = st.iter_dir(k), st.cfg.ppo.steps
+    start = _ppo_resume_point(st, k)
+    with st.progress.task(f"iter {k}: PPO", steps) as adv:
+        if start:
+            adv(start["step"])
+        history, experience = st.workers.ppo(train, k, progress=adv, start=start,
+                                             on_step=lambda state: _ppo_checkpoint(st, k, state))
     exp_path = schemas.write_table(schemas.from_rows(experience, schemas.EXPERIENCE), d / "experience.parquet",
                                    schemas.EXPERIENCE)
     adapter = st.workers.save_policy(str(d / "policy_adapter"))
-    st.record(k, "policy", {"adapter": adapter, "experience": str(exp_path), "ppo": history})
+    st.record(k, "policy", {"adapter": adapter, "experience": str(exp_path), "ppo": history,
+                            "resumed_after_step": start["step"] if start else None})
+    _drop_ppo_checkpoints(st, k, keep=None)
     return adapter
+
+
+def _ppo_checkpoint(st: RunState, k: int, state: dict) -> None:
+    """Every ppo.checkpoint_every steps (not after the last: the stage saves then): the policy and
+    the experience so far, each in a folder/file named by its step, then the manifest points at them,
+    then the older ones go. A kill at any moment leaves the manifest naming a whole checkpoint."""
+    every, s = st.cfg.ppo.checkpoint_every, state["step"]
+    if not every or s % every or s >= st.cfg.ppo.steps:
+        return
+    d = st.iter_dir(k)
+    policy = st.workers.save_policy(str(d / f"ppo_step_{s}"))
+    exp = schemas.write_table(schemas.from_rows(state["experience"], schemas.EXPERIENCE),
+                              d / f"ppo_step_{s}_experience.parquet", schemas.EXPERIENCE)
+    st.record(k, "ppo_progress", {"step": s, "checkpoint": policy, "experience": str(exp), "rng": state["rng"],
+                                  "history": state["history"]})
+    _drop_ppo_checkpoints(st, k, keep=s)
+
+
+def _drop_ppo_checkpoints(st: RunState, k: int, keep: int | None) -> None:
+    import shutil
+    kept = {f"ppo_step_{keep}", f"ppo_step_{keep}_experience.parquet"} if keep is not None else set()
+    for path in st.iter_dir(k).glob("ppo_step_*"):
+        if path.name not in kept:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def _ppo_resume_point(st: RunState, k: int) -> dict | None:
+    """The PPO loop's state at its last checkpoint in iteration k, if a killed run left one (the policy
+    itself was restored by `restore_checkpoints`)."""
+    prog = st.manifest.get("iterations", {}).get(str(k), {}).get("ppo_progress")
+    if prog is None:
+        return None
+    print(f"iteration {k}: PPO continues after step {prog['step']} of {st.cfg.ppo.steps} (its checkpoint)")
+    experience = schemas.read_table(prog["experience"], schemas.EXPERIENCE).to_pylist()
+    return {"step": prog["step"], "rng": prog["rng"], "history": prog["history"], "experience": experience}
 
 
 @flow(name="rlhf_pipeline", log_prints=True)
@@ -405,8 +446,9 @@ def restore_checkpoints(run_id: str) -> dict:
     """Load the latest checkpoints a resumed run recorded (nothing for a new run).
 
     Within an iteration the stages end in this order: warm-up (checkpoint of the merged policy),
-    reward model, cost model, PPO (adapter checkpoint), evaluation, guard (maybe a rollback), so
-    the last one recorded is the state the next unfinished stage starts from.
+    reward model, cost model, PPO (a checkpoint every ppo.checkpoint_every steps, then the final
+    adapter), evaluation, guard (maybe a rollback), so the last one recorded is the state the next
+    unfinished stage (or PPO step) starts from.
     """
     st = RUNS[run_id]
     latest: dict = {"policy": None, "reward_model": None, "cost_model": None, "sft_rounds": 0}
@@ -416,6 +458,8 @@ def restore_checkpoints(run_id: str) -> dict:
             latest.update(policy=it["warmup"]["checkpoint"], sft_rounds=latest["sft_rounds"] + 1)
         for name in ("reward_model", "cost_model"):
             latest[name] = it.get(name, latest[name])
+        if "ppo_progress" in it and "policy" not in it:      # killed mid-PPO: its last step checkpoint
+            latest["policy"] = it["ppo_progress"]["checkpoint"]
         if "policy" in it:
             latest["policy"] = it["policy"]["adapter"]
         latest["policy"] = it.get("rolled_back_to", latest["policy"])

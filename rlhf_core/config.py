@@ -211,6 +211,9 @@ class PPOConfig(_Section):
     policy_loss: Literal["ppo_clip"] = Field("ppo_clip", description="Key of rlhf_core.algorithms.POLICY_LOSSES.")
     whiten_rewards: bool = Field(False)
     reward_clip: float = Field(5.0, gt=0, description="Reward-model scores are normalised then clipped to ±this.")
+    checkpoint_every: int = Field(1, ge=0, description=(
+        "Checkpoint the policy (adapter, optimizer, KL/λ controllers, RNG) and the experience so far every N PPO "
+        "steps: `alignflow resume` continues a run killed mid-PPO from the last one. 0: only at the stage's end."))
 
 
 class SafeRLHFConfig(_Section):

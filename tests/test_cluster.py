@@ -37,7 +37,9 @@ def test_run_joins_a_separately_started_head(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     # --block keeps the head in the foreground of its own session: killing that session stops it
     # (and only it: `ray stop` would also stop the test session's own Ray).
-    head = subprocess.Popen(["ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+    # the `ray` script of this environment, whether or not its bin folder is on PATH
+    ray_cli = str(Path(sys.executable).with_name("ray")) if Path(sys.executable).with_name("ray").exists() else "ray"
+    head = subprocess.Popen([ray_cli, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
                              "--num-cpus=2", "--include-dashboard=false"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:

@@ -1,5 +1,6 @@
 """Data-parallel trainers: k gloo ranks, each on its share of every batch, take the steps one trainer
-takes (the summed, share-scaled gradients are the whole batch's), and the controller drives them."""
+takes (the summed, share-scaled gradients are the whole batch's). tests/test_workers.py drives two
+policy ranks through the controller."""
 import numpy as np
 import pytest
 import torch
@@ -117,33 +118,3 @@ def test_data_parallel_policy_equals_one_trainer(ray_local, tiny_model_path, tin
         for a in both:
             ray.kill(a)
 
-
-def test_controller_drives_policy_ranks(ray_local, tiny_model_path, tiny_config, tmp_path):
-    """resources.policy_trainers=2: warm-up, PPO and the evaluation KL (split over the ranks) run
-    through the controller, and a saved checkpoint loads back into both ranks."""
-    import ray
-
-    from workers.controller import RLHFWorkers
-    cfg = tiny_config("resources.policy_trainers=2", "ppo.steps=1")
-    w = RLHFWorkers(cfg, tiny_model_path, minilm_folder(), minilm_folder())
-    try:
-        assert len(w.policy_trainers) == 2 and len(w.placements) == 1
-        w.fit_harm_classifier(PROMPTS + ["Steal a car"], [0, 1, 0, 1, 0, 1], str(tmp_path / "harm.npz"))
-        w.warmup(PROMPTS, ["I can't help with that."] * 5, epochs=1)
-        rm = w.train_reward_model([{"prompt": p, "response_a": "No.", "response_b": "Yes, sure.", "better": i % 2,
-                                    "weight": 1.0} for i, p in enumerate(PROMPTS * 2)], str(tmp_path / "rm"))
-        assert rm["train_pairs"] > 0
-        rows = [{"prompt_id": f"p{i}", "prompt": p, "kind": "harmful" if i % 2 else "benign"}
-                for i, p in enumerate(PROMPTS)]
-        history, _ = w.ppo(rows, iteration=1)
-        assert len(history) == 1 and np.isfinite(history[0]["pg_loss"])
-        answers = w.generate(PROMPTS, greedy=True)
-        kls = w.sequence_kl(answers)
-        one = ray.get(w.policy_trainer.sequence_kl.remote(answers))      # rank 0 alone, every row
-        assert np.allclose(kls, one, atol=1e-5) and max(kls) > 0
-        path = w.save_policy(str(tmp_path / "policy"))
-        w.load_policy(path)
-        stacks = ray.get([t.adapter_stack.remote() for t in w.policy_trainers])
-        assert all(torch.equal(stacks[0]["current"][k], v) for k, v in stacks[1]["current"].items())
-    finally:
-        w.shutdown()

@@ -13,9 +13,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "configs" / "tiny.yaml"
-# the smallest run with every stage, twice over (the suite's time budget): 4 prompts × 2 answers
-SETTINGS = ["ppo.steps=1", "data.train_prompts_per_iter=4", "warmup.prompts=4", "feedback.responses_per_prompt=2",
-            "ppo.rollout_batch_size=4", "data.eval_harmful=2", "data.eval_benign=1", "data.eval_borderline=1"]
+# the smallest run with every stage, twice over (the suite's time budget): 4 prompts × 2 answers,
+# two PPO steps with a checkpoint after the first
+SETTINGS = ["ppo.steps=2", "ppo.checkpoint_every=1", "data.train_prompts_per_iter=4", "warmup.prompts=4",
+            "feedback.responses_per_prompt=2", "ppo.rollout_batch_size=4", "data.eval_harmful=2", "data.eval_benign=1",
+            "data.eval_borderline=1"]
 
 
 def _wait_for(run_root: Path, proc: subprocess.Popen, log: Path, stage: tuple[str, str], timeout: float) -> Path:
@@ -36,6 +38,8 @@ def _wait_for(run_root: Path, proc: subprocess.Popen, log: Path, stage: tuple[st
 
 
 def test_killed_run_resumes_to_the_same_result(ray_local, tiny_config, tmp_path):
+    """Killed in the middle of PPO, after its first step's checkpoint: the stages before are kept,
+    PPO continues from the checkpoint, and the run ends where an uninterrupted one does."""
     from flows.pipeline import load_run, rlhf_pipeline
     killed_root, log = tmp_path / "killed", tmp_path / "killed.log"
     args = [sys.executable, "-m", "flows.cli", "run", "--config", str(TINY), "--no-progress",
@@ -45,12 +49,13 @@ def test_killed_run_resumes_to_the_same_result(ray_local, tiny_config, tmp_path)
         proc = subprocess.Popen(args, cwd=ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1"), stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        run_dir = _wait_for(killed_root, proc, log, ("1", "reward_model"), timeout=300)
+        run_dir = _wait_for(killed_root, proc, log, ("1", "ppo_progress"), timeout=300)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     before = json.loads((run_dir / "manifest.json").read_text())
     assert before.get("status") is None and "policy" not in before["iterations"]["1"]
+    assert before["iterations"]["1"]["ppo_progress"]["step"] == 1
 
     state = load_run(run_dir.name, str(killed_root))
     resumed = rlhf_pipeline(state.cfg, run_id=state.run_id, show_progress=False)
@@ -62,13 +67,21 @@ def test_killed_run_resumes_to_the_same_result(ray_local, tiny_config, tmp_path)
     # the stages recorded before the kill were kept, not redone
     for key in ("samples", "preferences", "warmup", "reward_model"):
         assert after["iterations"]["1"][key] == before["iterations"]["1"][key]
+    ppo = after["iterations"]["1"]["policy"]
+    assert ppo["resumed_after_step"] == 1 and ppo["ppo"][0] == before["iterations"]["1"]["ppo_progress"]["history"][0]
+    assert after["iterations"]["2"]["policy"]["resumed_after_step"] is None
+    assert not list(run_dir.rglob("ppo_step_*"))        # step checkpoints go once the stage has its own
     assert set(resumed["results"]) == set(reference["results"]) == {0, 1, 2}
     for k in (0, 1, 2):
         for metric, value in reference["results"][k].items():
             assert resumed["results"][k][metric] == pytest.approx(value, rel=1e-6, abs=1e-9, nan_ok=True), (k, metric)
     ref_run = Path(reference["run_dir"])
+    ref_ppo = json.loads((ref_run / "manifest.json").read_text())["iterations"]["1"]["policy"]["ppo"]
+    for got, want in zip(ppo["ppo"], ref_ppo, strict=True):     # the step after the checkpoint too
+        for metric, value in want.items():
+            assert got[metric] == pytest.approx(value, rel=1e-6, abs=1e-9), metric
     for k in (1, 2):
-        for name in ("samples.parquet", "eval.parquet"):
+        for name in ("samples.parquet", "eval.parquet", "experience.parquet"):
             assert (pq.read_table(run_dir / f"iter_{k}" / name).column("response").to_pylist()
                     == pq.read_table(ref_run / f"iter_{k}" / name).column("response").to_pylist()), (k, name)
     assert not list(run_dir.rglob("*.tmp*"))

@@ -417,20 +417,28 @@ class RLHFWorkers:
                 "warmup_unlikelihood_last_epoch": mean("unlikelihood_loss", history[-per_epoch:]),
                 "warmup_negatives": sum(len(v) for v in negatives.values()), "warmup_steps": len(history)}
 
-    def ppo(self, prompt_rows: list[dict], iteration: int, progress: Progress | None = None) -> tuple[list, list]:
+    def ppo(self, prompt_rows: list[dict], iteration: int, progress: Progress | None = None,
+            start: dict | None = None, on_step: Callable[[dict], None] | None = None) -> tuple[list, list]:
         """The RL inner loop: per step generate → reward → PPO update → adapter sync.
 
+        `on_step(state)` is called after every step with what continuing needs besides the policy
+        checkpoint: {"step": steps done, "rng": the batch sampler's state, "history", "experience"}.
+        `start` is such a state (the policy restored to its checkpoint): the loop continues after
+        its step and takes the steps an uninterrupted loop would have taken.
         Returns (per-step metrics, experience rows for schemas.EXPERIENCE).
         """
         p = self.cfg.ppo
         rng = np.random.default_rng(self.cfg.run.seed * 1000 + iteration)
         harmful = [r for r in prompt_rows if r["kind"] == "harmful"]
         other = [r for r in prompt_rows if r["kind"] != "harmful"]
-        history, experience = [], []
+        history, experience, first = [], [], 0
+        if start is not None:
+            rng.bit_generator.state = start["rng"]
+            history, experience, first = list(start["history"]), list(start["experience"]), int(start["step"])
         # Group estimators (GRPO, RLOO, …) compare k answers to the same prompt: k consecutive rows.
         k = p.group_size if p.advantage_estimator in GROUPED_ESTIMATORS else 1
         n_prompts = p.rollout_batch_size // k
-        for step in range(p.steps):
+        for step in range(first, p.steps):
             # Balanced batches: equal harmful and benign/borderline prompts, so that refusing
             # everything cannot raise the mean reward (ARCHITECTURE.md, the sparse-reward trap).
             half = n_prompts // 2
@@ -464,6 +472,9 @@ class RLHFWorkers:
                                    "cost": None if costs is None else costs[j]})
             if progress:
                 progress(1)
+            if on_step:
+                on_step({"step": step + 1, "rng": rng.bit_generator.state, "history": history,
+                         "experience": experience})
         return history, experience
 
     def dpo(self, prompts: list[str], chosen: list[str], rejected: list[str], *, cache: str | None, model_id: str,
