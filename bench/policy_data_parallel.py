@@ -22,7 +22,7 @@ from rlhf_core.models import resolve_model_path
 from rlhf_core.policy import Policy
 from rlhf_core.prompts import build_prompt_table
 from workers.actors import PolicyTrainerActor
-from workers.controller import init_ray, start_trainer_ranks
+from workers.cluster import init_ray, start_trainer_ranks
 
 
 def _time_updates(cfg, model: str, batch: dict, scores: list[float], steps: int) -> tuple[float, list[dict]]:

@@ -75,7 +75,8 @@ def fresh_reward_model(cfg, dest: Path) -> str:
 
 def run_ours(cfg, rm_dir: str, prompts: list[dict]) -> dict:
     from rlhf_core.models import resolve_encoder_path, resolve_model_path
-    from workers.controller import RLHFWorkers, init_ray
+    from workers.cluster import init_ray
+    from workers.controller import RLHFWorkers
     init_ray(None)
     policy = resolve_model_path(cfg.policy.model)
     encoder = resolve_encoder_path(cfg.feedback.encoder)

@@ -18,7 +18,7 @@ import ray
 from rlhf_core import schemas
 from rlhf_core.config import load_config
 from rlhf_core.models import minilm_folder
-from workers.controller import init_ray, start_reward_trainers
+from workers.cluster import init_ray, start_reward_trainers
 
 
 def _time_training(cfg, pairs: list[dict], dest: Path, timeout: float) -> tuple[float, dict]:

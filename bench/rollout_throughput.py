@@ -66,7 +66,8 @@ def plain_generate(cfg, prompts: list[str], batch: int, sort: bool, seed: int, s
 
 def ours_generate(cfg, prompts: list[str], seeds: list[int], sample: bool) -> list[tuple[float, int]]:
     from rlhf_core.models import resolve_encoder_path, resolve_model_path
-    from workers.controller import RLHFWorkers, init_ray
+    from workers.cluster import init_ray
+    from workers.controller import RLHFWorkers
     init_ray(None)
     w = RLHFWorkers(cfg, resolve_model_path(cfg.policy.model), resolve_encoder_path(cfg.feedback.encoder),
                     resolve_encoder_path(resolve_model_path(cfg.reward_model.model)))

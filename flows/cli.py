@@ -297,7 +297,8 @@ def _print_result(console, title: str, results: dict, run_dir: str) -> None:
 def _resume_main(console, args: argparse.Namespace) -> int:
     import torch
     torch.set_num_threads(1)  # the driver only coordinates; actors own the cores (STACK.md)
-    from flows.pipeline import ResumeError, load_run, rlhf_pipeline
+    from flows.pipeline import rlhf_pipeline
+    from flows.resume import ResumeError, load_run
     try:
         state = load_run(args.run, args.runs_dir)
     except ResumeError as e:

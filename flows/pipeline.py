@@ -17,7 +17,6 @@
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from contextlib import contextmanager
@@ -31,6 +30,7 @@ from flows.artifacts import artifact_key
 from flows.guard import check_reward_hacking, roll_back
 from flows.human_feedback import check_ready as check_human_feedback_ready
 from flows.human_feedback import collect_human_feedback
+from flows.resume import drop_ppo_checkpoints, ppo_checkpoint, ppo_resume_point, restore_checkpoints
 from flows.run_state import RUNS, RunState, atomic_write_text, new_run_id, stage
 from rlhf_core import schemas
 from rlhf_core.agreement import aggregate_preferences, agreement_report
@@ -71,43 +71,6 @@ def prepare_run(cfg: AlignflowConfig, run_id: str | None = None) -> RunState:
     return state
 
 
-class ResumeError(RuntimeError):
-    pass
-
-
-def load_run(run: str, output_dir: str = "runs") -> RunState:
-    """The state of an interrupted run (`run`: its folder, or its id under `output_dir`), to resume.
-
-    The run continues with the config it started with; its prompts file must be the one recorded.
-    """
-    run_dir = Path(run) if Path(run).is_dir() else Path(output_dir) / run
-    manifest_path = run_dir / "manifest.json"
-    if not manifest_path.is_file():
-        raise ResumeError(f"{run}: no run there (looked for {manifest_path})")
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        cfg = AlignflowConfig.model_validate(manifest["config"])
-    except (ValueError, KeyError) as e:
-        raise ResumeError(f"{manifest_path}: not a readable alignflow manifest ({e})") from e
-    if manifest.get("status") == "completed" or str(manifest.get("status", "")).startswith("stopped"):
-        raise ResumeError(f"run {manifest['run_id']} already finished ({manifest['status']}); nothing to resume")
-    if manifest.get("flow", "rlhf_pipeline") != "rlhf_pipeline":
-        raise ResumeError(f"run {manifest['run_id']} is a {manifest['flow']} run; only `alignflow run` runs resume")
-    prompts = run_dir / "prompts.parquet"
-    if schemas.file_sha256(prompts) != manifest["data"]["prompts"]["sha256"]:
-        raise ResumeError(f"{prompts} changed since the run started (sha256 differs from the manifest)")
-    cfg.run.output_dir = str(run_dir.parent)     # wherever it is resumed from: the registry beside it
-    state = RunState(run_id=manifest["run_id"], run_dir=run_dir, cfg=cfg, manifest=manifest,
-                     prompts=schemas.read_table(prompts, schemas.PROMPTS).to_pylist())
-    manifest.setdefault("resumed", []).append({"at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                                               "status_before": manifest.get("status", "running")})
-    manifest["status"] = "running"
-    manifest.setdefault("timelines", []).append(timeline.new_timeline())
-    state.save_manifest()
-    RUNS[state.run_id] = state
-    return state
-
-
 def _eval_prompts(state: RunState) -> list[dict]:
     d, rows = state.cfg.data, [r for r in state.prompts if r["split"] == "eval"]
     rng = np.random.default_rng(d.split_seed)
@@ -134,7 +97,8 @@ def _train_prompts(state: RunState, n: int, k: int) -> list[dict]:
 def start_workers(run_id: str) -> dict:
     """Start Ray (local, or RAY_ADDRESS), the actors, and train the judge's harm classifier."""
     from rlhf_core.models import resolve_encoder_path, resolve_model_path
-    from workers.controller import RLHFWorkers, init_ray
+    from workers.cluster import init_ray
+    from workers.controller import RLHFWorkers
     st = RUNS[run_id]
     cfg = st.cfg
     resources = init_ray(cfg.resources.ray_address)
@@ -349,54 +313,21 @@ def update_policy(run_id: str, k: int) -> str:
         return rec["adapter"]
     train = [r for r in st.prompts if r["split"] == "train"]
     d, steps = st.iter_dir(k), st.cfg.ppo.steps
-    start = _ppo_resume_point(st, k)
+    start = ppo_resume_point(st, k)
     with st.progress.task(f"iter {k}: PPO", steps) as adv:
         if start:
             adv(start["step"])
         history, experience = st.workers.ppo(train, k, progress=adv, start=start,
-                                             on_step=lambda state: _ppo_checkpoint(st, k, state))
+                                             on_step=lambda state: ppo_checkpoint(st, k, state))
     exp_path = schemas.write_table(schemas.from_rows(experience, schemas.EXPERIENCE), d / "experience.parquet",
                                    schemas.EXPERIENCE)
     adapter = st.workers.save_policy(str(d / "policy_adapter"))
+    # one manifest write: the stage's record replaces the step checkpoint's, whose files go next
+    st.manifest.get("iterations", {}).get(str(k), {}).pop("ppo_progress", None)
     st.record(k, "policy", {"adapter": adapter, "experience": str(exp_path), "ppo": history,
                             "resumed_after_step": start["step"] if start else None})
-    _drop_ppo_checkpoints(st, k, keep=None)
+    drop_ppo_checkpoints(st, k, keep=None)
     return adapter
-
-
-def _ppo_checkpoint(st: RunState, k: int, state: dict) -> None:
-    """Every ppo.checkpoint_every steps (not after the last: the stage saves then): the policy and
-    the experience so far, each in a folder/file named by its step, then the manifest points at them,
-    then the older ones go. A kill at any moment leaves the manifest naming a whole checkpoint."""
-    every, s = st.cfg.ppo.checkpoint_every, state["step"]
-    if not every or s % every or s >= st.cfg.ppo.steps:
-        return
-    d = st.iter_dir(k)
-    policy = st.workers.save_policy(str(d / f"ppo_step_{s}"))
-    exp = schemas.write_table(schemas.from_rows(state["experience"], schemas.EXPERIENCE),
-                              d / f"ppo_step_{s}_experience.parquet", schemas.EXPERIENCE)
-    st.record(k, "ppo_progress", {"step": s, "checkpoint": policy, "experience": str(exp), "rng": state["rng"],
-                                  "history": state["history"]})
-    _drop_ppo_checkpoints(st, k, keep=s)
-
-
-def _drop_ppo_checkpoints(st: RunState, k: int, keep: int | None) -> None:
-    import shutil
-    kept = {f"ppo_step_{keep}", f"ppo_step_{keep}_experience.parquet"} if keep is not None else set()
-    for path in st.iter_dir(k).glob("ppo_step_*"):
-        if path.name not in kept:
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-
-
-def _ppo_resume_point(st: RunState, k: int) -> dict | None:
-    """The PPO loop's state at its last checkpoint in iteration k, if a killed run left one (the policy
-    itself was restored by `restore_checkpoints`)."""
-    prog = st.manifest.get("iterations", {}).get(str(k), {}).get("ppo_progress")
-    if prog is None:
-        return None
-    print(f"iteration {k}: PPO continues after step {prog['step']} of {st.cfg.ppo.steps} (its checkpoint)")
-    experience = schemas.read_table(prog["experience"], schemas.EXPERIENCE).to_pylist()
-    return {"step": prog["step"], "rng": prog["rng"], "history": prog["history"], "experience": experience}
 
 
 @flow(name="rlhf_pipeline", log_prints=True)
@@ -439,35 +370,6 @@ def rlhf_pipeline(cfg: AlignflowConfig, run_id: str | None = None, show_progress
         if cfg.registry.enabled and last_good:
             register_policy(st.run_id, last_good)
         return {"run_id": st.run_id, "run_dir": str(st.run_dir), "results": results}
-
-
-@stage
-def restore_checkpoints(run_id: str) -> dict:
-    """Load the latest checkpoints a resumed run recorded (nothing for a new run).
-
-    Within an iteration the stages end in this order: warm-up (checkpoint of the merged policy),
-    reward model, cost model, PPO (a checkpoint every ppo.checkpoint_every steps, then the final
-    adapter), evaluation, guard (maybe a rollback), so the last one recorded is the state the next
-    unfinished stage (or PPO step) starts from.
-    """
-    st = RUNS[run_id]
-    latest: dict = {"policy": None, "reward_model": None, "cost_model": None, "sft_rounds": 0}
-    for k in sorted(int(x) for x in st.manifest.get("iterations", {})):
-        it = st.manifest["iterations"][str(k)]
-        if "warmup" in it:
-            latest.update(policy=it["warmup"]["checkpoint"], sft_rounds=latest["sft_rounds"] + 1)
-        for name in ("reward_model", "cost_model"):
-            latest[name] = it.get(name, latest[name])
-        if "ppo_progress" in it and "policy" not in it:      # killed mid-PPO: its last step checkpoint
-            latest["policy"] = it["ppo_progress"]["checkpoint"]
-        if "policy" in it:
-            latest["policy"] = it["policy"]["adapter"]
-        latest["policy"] = it.get("rolled_back_to", latest["policy"])
-    if latest["policy"] or latest["reward_model"]:
-        st.workers.restore(**latest)
-        print(f"resumed: policy {latest['policy'] or 'base'}, reward model "
-              f"{(latest['reward_model'] or {}).get('path', 'none yet')}")
-    return {k: v if not isinstance(v, dict) else v["path"] for k, v in latest.items()}
 
 
 @stage

@@ -79,7 +79,7 @@ class PolicyTrainer:
         """Train as one rank of a data-parallel group. Every rank gets every call with the whole
         batch, works on its rows (`shard_rows`) with its loss scaled by its share, and the summed
         gradients are those of the whole batch: the replicas take identical steps and match one
-        trainer's (tests/test_workers.py)."""
+        trainer's (tests/test_data_parallel.py)."""
         self.sync = sync
         sync.broadcast_parameters(self.policy.trainable_parameters())
 

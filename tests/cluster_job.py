@@ -22,7 +22,7 @@ def main() -> None:
 
     from rlhf_core.config import load_config
     from rlhf_core.models import minilm_folder
-    from workers.controller import init_ray, start_reward_trainers
+    from workers.cluster import init_ray, start_reward_trainers
     cluster = None
     strategy = "PACK"
     if mode == "multinode":
@@ -64,7 +64,7 @@ def _policy_ranks(cfg) -> dict:
     from rlhf_core.models import tiny_folder
     from rlhf_core.policy import Policy
     from workers.actors import PolicyTrainerActor
-    from workers.controller import start_trainer_ranks
+    from workers.cluster import start_trainer_ranks
     r = cfg.resources
     ranks, placement = start_trainer_ranks(PolicyTrainerActor, 2, (str(tiny_folder()), cfg.policy, cfg.ppo, "cpu", 1, 0,
                                                                    cfg.safe_rlhf), r, 120, "policy")

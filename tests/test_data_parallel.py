@@ -18,7 +18,7 @@ def test_data_parallel_reward_and_cost_models_equal_one_trainer(ray_local, tiny_
 
     from rlhf_core import reward_model as rmlib
     from workers.actors import RewardModelTrainer
-    from workers.controller import form_process_group
+    from workers.cluster import form_process_group
     cfg = tiny_config("reward_model.dropout=0", "reward_model.batch_size=6", "reward_model.epochs=2").reward_model
     trainer = ray.remote(num_cpus=0.25)(RewardModelTrainer)
     pairs = [{"prompt": p, "response_a": "I can't help with that.", "response_b": f"Sure, here is how ({i}).",
@@ -71,7 +71,7 @@ def test_data_parallel_policy_equals_one_trainer(ray_local, tiny_model_path, tin
 
     from rlhf_core.policy import Policy
     from workers.actors import PolicyTrainerActor
-    from workers.controller import form_process_group
+    from workers.cluster import form_process_group
     cfg = tiny_config("ppo.rollout_batch_size=5", "ppo.minibatch_size=3", "ppo.ppo_epochs=2")
     actor = ray.remote(num_cpus=0.25)(PolicyTrainerActor)
     args = (tiny_model_path, cfg.policy, cfg.ppo, "cpu", 1, 0, cfg.safe_rlhf)

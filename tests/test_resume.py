@@ -40,7 +40,8 @@ def _wait_for(run_root: Path, proc: subprocess.Popen, log: Path, stage: tuple[st
 def test_killed_run_resumes_to_the_same_result(ray_local, tiny_config, tmp_path):
     """Killed in the middle of PPO, after its first step's checkpoint: the stages before are kept,
     PPO continues from the checkpoint, and the run ends where an uninterrupted one does."""
-    from flows.pipeline import load_run, rlhf_pipeline
+    from flows.pipeline import rlhf_pipeline
+    from flows.resume import load_run
     killed_root, log = tmp_path / "killed", tmp_path / "killed.log"
     args = [sys.executable, "-m", "flows.cli", "run", "--config", str(TINY), "--no-progress",
             "--set", f"run.output_dir={killed_root}"] + [x for s in SETTINGS for x in ("--set", s)]
@@ -88,7 +89,7 @@ def test_killed_run_resumes_to_the_same_result(ray_local, tiny_config, tmp_path)
 
 
 def test_resume_refuses_what_it_cannot_continue(tmp_path):
-    from flows.pipeline import ResumeError, load_run
+    from flows.resume import ResumeError, load_run
     with pytest.raises(ResumeError, match="no run there"):
         load_run("nope", str(tmp_path))
     done = tmp_path / "r1"

@@ -263,7 +263,8 @@ def test_worker_syncs_and_generates_like_the_hf_worker(monkeypatch, tiny_model_p
 @no_vllm_here
 def test_controller_refuses_vllm_before_starting_actors(ray_local, tiny_model_path, tiny_config):
     from rlhf_core.models import minilm_folder
-    from workers.controller import ActorCallError, RLHFWorkers
+    from workers.cluster import ActorCallError
+    from workers.controller import RLHFWorkers
     with pytest.raises(ActorCallError, match=r"rollout_backend=vllm needs resources\.gpus_per_rollout > 0"):
         RLHFWorkers(tiny_config("resources.rollout_backend=vllm"), tiny_model_path, minilm_folder(), minilm_folder())
     # asking for a GPU the cluster does not have fails on the resource check, also before any actor

@@ -113,7 +113,8 @@ def test_lost_pool_actors_have_their_shards_redone(workers):
 
 
 def test_resource_check_fails_clearly(ray_local, tiny_model_path, tiny_config):
-    from workers.controller import ActorCallError, RLHFWorkers
+    from workers.cluster import ActorCallError
+    from workers.controller import RLHFWorkers
     cfg = tiny_config("resources.cpus_per_rollout=64")
     with pytest.raises(ActorCallError, match="lower resources"):
         RLHFWorkers(cfg, tiny_model_path, minilm_folder(), minilm_folder())

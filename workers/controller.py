@@ -7,7 +7,6 @@ every remote call so that a hung actor fails loudly instead of stalling the run.
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Callable
 
 import numpy as np
@@ -18,118 +17,20 @@ from rlhf_core.config import GROUPED_ESTIMATORS
 from workers.actors import (
     FeedbackWorker,
     PolicyTrainerActor,
-    RewardModelTrainer,
     RolloutWorker,
     StaleAdapterError,
+)
+from workers.cluster import (
+    ActorCallError,
+    check_resources,
+    start_reward_trainers,
+    start_trainer_ranks,
+    timed_get,
+    wait_ready,
 )
 
 Progress = Callable[[int], None]   # advance(n): called as work items finish
 GEN_CHUNK = 32                      # prompts per generate call: batches well on CPU, small for progress
-
-
-class ActorCallError(RuntimeError):
-    pass
-
-
-def _get(refs, timeout: float, what: str):
-    try:
-        return ray.get(refs, timeout=timeout)
-    except ray.exceptions.GetTimeoutError as e:
-        raise ActorCallError(f"{what}: no answer within {timeout:.0f}s (resources.actor_timeout_s)") from e
-
-
-def _wait_ready(actor, timeout: float, what: str) -> None:
-    """Block until a restarting actor answers again (calls fail fast while it restarts)."""
-    import time
-    end = time.monotonic() + timeout
-    while True:
-        try:
-            return ray.get(actor.__ray_ready__.remote(), timeout=max(1.0, end - time.monotonic()))
-        except ray.exceptions.ActorUnavailableError:
-            if time.monotonic() > end:
-                raise ActorCallError(f"{what}: the actor did not come back within {timeout:.0f}s") from None
-            time.sleep(0.2)
-        except ray.exceptions.GetTimeoutError as e:
-            raise ActorCallError(f"{what}: no answer within {timeout:.0f}s (resources.actor_timeout_s)") from e
-
-
-def init_ray(address: str | None, num_cpus: int | None = None) -> dict:
-    """Connect to `address` / RAY_ADDRESS if given, else start a local Ray without the dashboard."""
-    if ray.is_initialized():
-        return ray.cluster_resources()
-    address = address or os.environ.get("RAY_ADDRESS")
-    env = {"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}}
-    if address:
-        try:
-            ray.init(address=address, runtime_env=env, log_to_driver=True)
-        except ConnectionError as e:
-            hint = ("" if os.environ.get("RAY_AUTH_MODE") else " If the cluster uses token authentication (Ray "
-                    "turns it on where ~/.ray/auth_token exists), set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN.")
-            raise ConnectionError(f"cannot reach the Ray cluster at {address} (RAY_ADDRESS / resources.ray_address): "
-                                  f"{e}.{hint}") from e
-    else:
-        # Ray starts workers at nice 15, below the driver and Prefect's API server. Here the actors
-        # ARE the computation, so they run at the driver's priority (bench/rollout_throughput.py:
-        # 114 → 117 tokens/s against 119 for plain `generate`, docs/benchmarks.md).
-        os.environ.setdefault("RAY_worker_niceness", "0")
-        # address="local": never join a stale cluster file left by a killed test (STACK.md).
-        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
-                 runtime_env=env, log_to_driver=True)
-    return ray.cluster_resources()
-
-
-def _check_resources(cfg, n_trainers: int = 2) -> None:
-    """Actors asking for more than the cluster has wait forever, silently: fail clearly instead."""
-    r = cfg.resources
-    need_cpu = (r.rollout_workers * r.cpus_per_rollout + r.feedback_workers * r.cpus_per_feedback
-                + n_trainers * r.cpus_per_trainer)
-    need_gpu = r.rollout_workers * r.gpus_per_rollout + n_trainers * r.gpus_per_trainer
-    have = ray.cluster_resources()
-    if need_cpu > have.get("CPU", 0) + 1e-9 or need_gpu > have.get("GPU", 0) + 1e-9:
-        raise ActorCallError(
-            f"the actors need {need_cpu:g} CPU / {need_gpu:g} GPU but the Ray cluster has "
-            f"{have.get('CPU', 0):g} CPU / {have.get('GPU', 0):g} GPU: lower resources.* in the config")
-
-
-def start_trainer_ranks(cls, k: int, args: tuple, r, timeout: float, what: str) -> tuple[list, object]:
-    """k trainer actors of class `cls` built with `args`, data parallel when k > 1: one placement
-    group reserves their resources at once and puts them where resources.placement_strategy says
-    (PACK: few nodes; SPREAD: across nodes); then they form one torch.distributed group.
-    Returns (actors, placement group or None); rank 0 comes first."""
-    remote = ray.remote(num_cpus=r.cpus_per_trainer, num_gpus=r.gpus_per_trainer)(cls)
-    placement, opts = None, [{}]
-    if k > 1:
-        from ray.util.placement_group import placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-        bundle = {"CPU": r.cpus_per_trainer, **({"GPU": r.gpus_per_trainer} if r.gpus_per_trainer else {})}
-        placement = placement_group([bundle] * k, strategy=r.placement_strategy)
-        _get(placement.ready(), timeout, f"reserving the {what} trainers' placement group")
-        opts = [{"scheduling_strategy": PlacementGroupSchedulingStrategy(placement, i)} for i in range(k)]
-    trainers = [remote.options(**o).remote(*args) for o in opts]
-    if k > 1:
-        form_process_group(trainers, timeout)
-    return trainers, placement
-
-
-def start_reward_trainers(cfg, backbone_path: str, timeout: float, seed_offset: int = 0) -> tuple[list, object]:
-    """The reward-model (or cost-model) trainer ranks: resources.reward_model_trainers of them."""
-    r = cfg.resources
-    return start_trainer_ranks(RewardModelTrainer, r.reward_model_trainers,
-                               (backbone_path, cfg.reward_model, cfg.run.device, r.torch_threads,
-                                cfg.run.seed + seed_offset), r, timeout, "reward-model")
-
-
-def form_process_group(trainers: list, timeout: float) -> str:
-    """Make the trainer actors ranks 0..k-1 of one torch.distributed group; returns its address.
-
-    Rank 0 listens on a free port of its node; on one machine the group stays on loopback."""
-    locations = _get([t.location.remote() for t in trainers], timeout, "locating the trainers")
-    loopback = len({node for node, _ in locations}) == 1
-    host = "127.0.0.1" if loopback else locations[0][1]
-    address = f"tcp://{host}:{_get(trainers[0].free_port.remote(), timeout, 'choosing a port')}"
-    _get([t.join_group.remote(i, len(trainers), address, loopback) for i, t in enumerate(trainers)], timeout,
-         f"forming the trainers' process group at {address}")
-    return address
 
 
 def _rollout_class(r):
@@ -191,7 +92,7 @@ class RLHFWorkers:
         self.timeout = r.actor_timeout_s
         k = r.reward_model_trainers
         # policy ranks, reward-model ranks, cost-model ranks
-        _check_resources(cfg, n_trainers=r.policy_trainers + k * (1 + int(cfg.safe_rlhf.enabled)))
+        check_resources(cfg, n_trainers=r.policy_trainers + k * (1 + int(cfg.safe_rlhf.enabled)))
         # The pools restart a lost actor and the controller redoes its shard (re-sending the adapter);
         # Ray must not retry a method on the fresh instance by itself: its state would be missing.
         # Trainers hold state no restart can restore: losing one fails the run (`alignflow resume`).
@@ -215,7 +116,7 @@ class RLHFWorkers:
             (policy_path, cfg.policy, cfg.ppo, dev, r.torch_threads, seed, cfg.safe_rlhf), r, self.timeout, "policy"))
         self.policy_trainer = self.policy_trainers[0]
         # Block until every actor has loaded its model, so a bad path fails here, not mid-stage.
-        _get([a.__ray_ready__.remote() for a in self._actors()], self.timeout, "starting actors")
+        timed_get([a.__ray_ready__.remote() for a in self._actors()], self.timeout, "starting actors")
         from transformers import AutoTokenizer
         self.pad_id = AutoTokenizer.from_pretrained(policy_path).pad_token_id or 0
         self.adapter_version = "base"
@@ -232,7 +133,7 @@ class RLHFWorkers:
     def _update(self, method: str, *args, what: str):
         """Call `method` on every policy rank (arguments put in the object store once); rank 0's result."""
         refs = [ray.put(a) if isinstance(a, (dict, list)) else a for a in args]
-        return _get([getattr(t, method).remote(*refs) for t in self.policy_trainers], self.timeout, what)[0]
+        return timed_get([getattr(t, method).remote(*refs) for t in self.policy_trainers], self.timeout, what)[0]
 
     # ----- rollout pool ----------------------------------------------------------------------
     def generate(self, prompts: list[str], *, greedy: bool, seed: int | None = None,
@@ -248,9 +149,9 @@ class RLHFWorkers:
 
         def restore(k: int) -> None:
             w = self.rollout[k % len(self.rollout)]
-            _wait_ready(w, self.timeout, "restarting a rollout worker")
-            _get(w.load_adapter.remote(self.policy_trainer.adapter_stack.remote(), self.adapter_version),
-                 self.timeout, "re-sending the adapter to a restarted rollout worker")
+            wait_ready(w, self.timeout, "restarting a rollout worker")
+            timed_get(w.load_adapter.remote(self.policy_trainer.adapter_stack.remote(), self.adapter_version),
+                      self.timeout, "re-sending the adapter to a restarted rollout worker")
 
         advance = (lambda k: progress(len(chunks[k]))) if progress else None
         results = self._gather(len(chunks), submit, restore, "rollout", advance)
@@ -272,7 +173,8 @@ class RLHFWorkers:
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=self.timeout)
             if not ready:
-                raise ActorCallError(f"{what}: no shard finished within {self.timeout:.0f}s (resources.actor_timeout_s)")
+                raise ActorCallError(f"{what}: no shard finished within {self.timeout:.0f}s "
+                                     "(resources.actor_timeout_s)")
             k = pending.pop(ready[0])
             try:
                 results[k] = ray.get(ready[0])
@@ -293,28 +195,29 @@ class RLHFWorkers:
     def sync_adapter(self, version: str) -> None:
         """Trainer → rollout weight sync: the LoRA adapter only, put in the object store once."""
         state_ref = self.policy_trainer.adapter_stack.remote()
-        _get([w.load_adapter.remote(state_ref, version) for w in self.rollout], self.timeout,
-             "weight sync to rollout workers")
+        timed_get([w.load_adapter.remote(state_ref, version) for w in self.rollout], self.timeout,
+                  "weight sync to rollout workers")
         self.adapter_version = version
 
     # ----- feedback pool ---------------------------------------------------------------------
     def fit_harm_classifier(self, texts: list[str], labels: list[int], dest: str,
                             heldout: tuple[list[str], list[int]] | None = None) -> dict:
-        metrics = _get(self.feedback[0].fit_harm_classifier.remote(texts, labels, self.cfg.run.seed, dest, heldout),
-                       self.timeout, "harm classifier training")
+        metrics = timed_get(
+            self.feedback[0].fit_harm_classifier.remote(texts, labels, self.cfg.run.seed, dest, heldout),
+            self.timeout, "harm classifier training")
         self.load_harm_classifier(dest)
         return metrics
 
     def load_harm_classifier(self, path: str) -> None:
         """Judge calls name this file from now on (a restarted feedback worker loads it itself)."""
-        _get([w.load_harm_classifier.remote(path) for w in self.feedback], self.timeout, "loading harm classifier")
+        timed_get([w.load_harm_classifier.remote(path) for w in self.feedback], self.timeout, "loading harm classifier")
         self.harm_classifier = path
 
     def constitution_info(self) -> dict:
-        return _get(self.feedback[0].constitution_info.remote(), self.timeout, "constitution")
+        return timed_get(self.feedback[0].constitution_info.remote(), self.timeout, "constitution")
 
     def match_demonstrations(self, prompts: list[str]) -> list[str]:
-        return _get(self.feedback[0].match_demonstrations.remote(prompts), self.timeout, "matching demonstrations")
+        return timed_get(self.feedback[0].match_demonstrations.remote(prompts), self.timeout, "matching demonstrations")
 
     def _judge_shards(self, prompts: list[str], responses: list[str]) -> tuple[int, Callable]:
         shard = max(1, -(-len(prompts) // len(self.feedback)))
@@ -327,7 +230,7 @@ class RLHFWorkers:
         return len(starts), submit
 
     def _wait_feedback_worker(self, k: int) -> None:
-        _wait_ready(self.feedback[k % len(self.feedback)], self.timeout, "restarting a feedback worker")
+        wait_ready(self.feedback[k % len(self.feedback)], self.timeout, "restarting a feedback worker")
 
     def judge(self, prompts: list[str], responses: list[str], progress: Progress | None = None):
         n, submit = self._judge_shards(prompts, responses)
@@ -347,7 +250,7 @@ class RLHFWorkers:
         rm_ref = self.reward_model.score.remote(prompts, responses) if with_reward_model else None
         kl_refs = self._sequence_kl_refs(rollout) if with_kl else None
         scores = self.judge(prompts, responses)
-        rm = _get(rm_ref, self.timeout, "reward model scoring")["raw"] if rm_ref is not None else None
+        rm = timed_get(rm_ref, self.timeout, "reward model scoring")["raw"] if rm_ref is not None else None
         kls = self._collect_kl(kl_refs) if kl_refs is not None else None
         return scores, rm, kls
 
@@ -355,8 +258,8 @@ class RLHFWorkers:
     def train_reward_model(self, pairs: list[dict], dest: str, init_from: str | None = None,
                            round_seed: int = 0) -> dict:
         """All ranks train together (each on its share of every batch); rank 0's metrics."""
-        return _get([t.train.remote(pairs, dest, init_from, round_seed) for t in self.reward_trainers], self.timeout,
-                    "reward model training")[0]
+        return timed_get([t.train.remote(pairs, dest, init_from, round_seed) for t in self.reward_trainers],
+                         self.timeout, "reward model training")[0]
 
     def configure_policy_update(self, ppo_cfg, safe_cfg) -> None:
         """Switch the RL algorithm between runs of `ppo` (benchmarks): a fresh trainer state."""
@@ -369,16 +272,17 @@ class RLHFWorkers:
 
     def reward_members(self, prompts: list[str], responses: list[str]) -> list[list[float]]:
         """Every ensemble member's raw scores, (E, N) (E = 1 without an ensemble)."""
-        return _get(self.reward_model.member_scores.remote(prompts, responses), self.timeout, "reward model scoring")
+        return timed_get(self.reward_model.member_scores.remote(prompts, responses), self.timeout,
+                         "reward model scoring")
 
     def train_cost_model(self, pairs: list[dict], dest: str, init_from: str | None = None,
                          round_seed: int = 0) -> dict:
         """All cost-model ranks train together; rank 0's metrics."""
-        return _get([t.train_cost.remote(pairs, dest, init_from, round_seed) for t in self.cost_trainers],
-                    self.timeout, "cost model training")[0]
+        return timed_get([t.train_cost.remote(pairs, dest, init_from, round_seed) for t in self.cost_trainers],
+                         self.timeout, "cost model training")[0]
 
     def reward(self, prompts: list[str], responses: list[str]) -> dict:
-        return _get(self.reward_model.score.remote(prompts, responses), self.timeout, "reward model scoring")
+        return timed_get(self.reward_model.score.remote(prompts, responses), self.timeout, "reward model scoring")
 
     # ----- policy ----------------------------------------------------------------------------
     def warmup(self, prompts: list[str], responses: list[str], *, epochs: int, version: str = "warmup",
@@ -451,13 +355,14 @@ class RLHFWorkers:
             reward_ref = self.reward_model.score.remote(prompts, roll["texts"])
             use_cost = self.cost_model is not None and self.cfg.safe_rlhf.enabled
             cost_ref = self.cost_model.score.remote(prompts, roll["texts"]) if use_cost else None
-            rewards = _get(reward_ref, self.timeout, "reward model scoring")
+            rewards = timed_get(reward_ref, self.timeout, "reward model scoring")
             scores = [float(np.clip(x, -p.reward_clip, p.reward_clip)) for x in rewards["normalized"]]
             costs = None
             if cost_ref is not None:
                 # raw costs: their sign means unsafe (> 0) or safe (< 0), which the threshold relies on
                 clip = self.cfg.safe_rlhf.cost_clip
-                costs = [float(np.clip(x, -clip, clip)) for x in _get(cost_ref, self.timeout, "cost scoring")["raw"]]
+                raw = timed_get(cost_ref, self.timeout, "cost scoring")["raw"]
+                costs = [float(np.clip(x, -clip, clip)) for x in raw]
             batch = {k: roll[k] for k in ("query_ids", "query_mask", "response_ids", "response_mask", "texts")}
             m = self._update("ppo_step", batch, scores, costs, what=f"PPO step {step}")
             self.sync_adapter(f"iter{iteration}-step{step + 1}")
@@ -483,9 +388,8 @@ class RLHFWorkers:
         then the adapter is synced to the rollout pool. Returns metrics (first/last epoch)."""
         d = self.cfg.dpo
         self._update("dpo_begin", d, what="DPO setup")
-        ref_c, ref_r, computed = _get(self.policy_trainer.dpo_reference.remote(prompts, chosen, rejected, cache,
-                                                                               model_id),
-                                      self.timeout, "DPO reference log-probs")
+        ref = self.policy_trainer.dpo_reference.remote(prompts, chosen, rejected, cache, model_id)
+        ref_c, ref_r, computed = timed_get(ref, self.timeout, "DPO reference log-probs")
         if progress_ref:
             progress_ref(len(prompts))
         history = []
@@ -517,8 +421,8 @@ class RLHFWorkers:
             self.load_policy(policy)
         for actor, rec in ((self.reward_model, reward_model), (self.cost_model, cost_model)):
             if actor is not None and rec:
-                _get(actor.load.remote(rec["path"], (rec.get("score_mean", 0.0), rec.get("score_std", 1.0))),
-                     self.timeout, f"loading {rec['path']}")
+                timed_get(actor.load.remote(rec["path"], (rec.get("score_mean", 0.0), rec.get("score_std", 1.0))),
+                          self.timeout, f"loading {rec['path']}")
         self.sft_rounds = sft_rounds
 
     def sequence_kl(self, rollout: dict) -> list[float]:
@@ -535,12 +439,12 @@ class RLHFWorkers:
     def _collect_kl(self, refs: list) -> list[float]:
         out = [0.0] * sum(len(rows) for rows, _ in refs)
         for rows, ref in refs:
-            for i, v in zip(rows, _get(ref, self.timeout, "KL to reference")):
+            for i, v in zip(rows, timed_get(ref, self.timeout, "KL to reference")):
                 out[i] = v
         return out
 
     def save_policy(self, dest: str) -> str:
-        return _get(self.policy_trainer.save.remote(dest), self.timeout, "saving the policy adapter")
+        return timed_get(self.policy_trainer.save.remote(dest), self.timeout, "saving the policy adapter")
 
     def load_policy(self, adapter_dir: str) -> None:
         """Load a saved adapter (+ value head) into the trainer and sync it to the rollout pool."""
