@@ -64,7 +64,7 @@ def busy_clock(cls):
 
 
 class DataParallelRank:
-    """A trainer actor that can be one rank of a data-parallel group (controller.form_process_group)."""
+    """A trainer actor that can be one rank of a data-parallel group (cluster.form_process_group)."""
 
     sync = None
     threads = 1
