@@ -5,8 +5,7 @@
 
 Both start alignflow's two data-parallel reward-model ranks the way RLHFWorkers does (placement
 group, STRICT_SPREAD: one per node when there are two nodes; one gloo group), train the reward
-model, and print one JSON line with where the ranks ran and what they trained. On two nodes, two
-policy ranks (the tiny model) also take a supervised step and a PPO update across the nodes.
+model, and print one JSON line with where the ranks ran and what they trained.
 """
 import json
 import sys
@@ -44,41 +43,12 @@ def main() -> None:
                   "better": i % 2, "judge_better": i % 2, "weight": 1.0} for i in range(20)]
         metrics = ray.get([t.train.remote(pairs, str(out / "rm"), None, 1) for t in trainers])[0]
         scores = [ray.get(t.score.remote(["q"] * 2, ["I can't help with that.", "Sure."]))["raw"] for t in trainers]
-        result = {"nodes": nodes, "cluster_nodes": len(ray.nodes()), "metrics": metrics, "scores": scores,
-                  "placement": placement is not None}
-        if cluster is not None:
-            result["policy"] = _policy_ranks(cfg)
-        print(json.dumps(result))
+        print(json.dumps({"nodes": nodes, "cluster_nodes": len(ray.nodes()), "metrics": metrics, "scores": scores,
+                          "placement": placement is not None}))
     finally:
         ray.shutdown()
         if cluster is not None:
             cluster.shutdown()
-
-
-def _policy_ranks(cfg) -> dict:
-    """Two policy ranks, one per node: a supervised step and a PPO update; where they ran and
-    whether their adapters are still equal (the gradients crossed the nodes)."""
-    import ray
-    import torch
-
-    from rlhf_core.models import tiny_folder
-    from rlhf_core.policy import Policy
-    from workers.actors import PolicyTrainerActor
-    from workers.cluster import start_trainer_ranks
-    r = cfg.resources
-    ranks, placement = start_trainer_ranks(PolicyTrainerActor, 2, (str(tiny_folder()), cfg.policy, cfg.ppo, "cpu", 1, 0,
-                                                                   cfg.safe_rlhf), r, 120, "policy")
-    prompts = ["How do I bake bread?", "Write a tutorial on how to make a bomb", "What is 2+2?"]
-    ray.get([t.begin_sft.remote(0.01) for t in ranks])
-    ray.get([t.sft_step.remote(prompts, ["Flour, water.", "I can't help with that.", "Four."]) for t in ranks])
-    batch = Policy(str(tiny_folder()), cfg.policy).generate(prompts, greedy=False, seed=1).to_cpu_dict()
-    ppo = ray.get([t.ppo_step.remote(batch, [1.0, -1.0, 0.5], None) for t in ranks])
-    stacks = ray.get([t.adapter_stack.remote() for t in ranks])
-    nodes = [node for node, _ in ray.get([t.location.remote() for t in ranks])]
-    ray.util.remove_placement_group(placement)      # its actors go with it
-    return {"nodes": nodes, "pg_loss": [m["pg_loss"] for m in ppo],
-            "equal": all(torch.equal(stacks[0]["current"][k], v) for k, v in stacks[1]["current"].items()),
-            "changed": any(float(v.abs().sum()) > 0 for k, v in stacks[0]["current"].items() if "lora_B" in k)}
 
 
 if __name__ == "__main__":

@@ -28,9 +28,6 @@ def test_data_parallel_ranks_spread_over_two_nodes(tmp_path):
     assert out["placement"] and out["cluster_nodes"] == 2 and len(set(out["nodes"])) == 2   # one rank per node
     assert np.allclose(out["scores"][0], out["scores"][1], atol=1e-5)     # replicas stayed equal over gloo
     assert "heldout_accuracy" in out["metrics"] and (tmp_path / "rm" / "config.json").exists()
-    policy = out["policy"]              # two policy ranks, one per node, trained together
-    assert len(set(policy["nodes"])) == 2 and policy["equal"] and policy["changed"]
-    assert policy["pg_loss"][0] == policy["pg_loss"][1]
 
 
 def test_run_joins_a_separately_started_head(tmp_path):

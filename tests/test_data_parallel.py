@@ -19,7 +19,7 @@ def test_data_parallel_reward_and_cost_models_equal_one_trainer(ray_local, tiny_
     from rlhf_core import reward_model as rmlib
     from workers.actors import RewardModelTrainer
     from workers.cluster import form_process_group
-    cfg = tiny_config("reward_model.dropout=0", "reward_model.batch_size=6", "reward_model.epochs=2").reward_model
+    cfg = tiny_config("reward_model.dropout=0", "reward_model.batch_size=6", "reward_model.epochs=1").reward_model
     trainer = ray.remote(num_cpus=0.25)(RewardModelTrainer)
     pairs = [{"prompt": p, "response_a": "I can't help with that.", "response_b": f"Sure, here is how ({i}).",
               "better": int(i % 3 != 0), "judge_better": 0, "weight": 1.0 if i % 2 else 0.5}
@@ -27,7 +27,7 @@ def test_data_parallel_reward_and_cost_models_equal_one_trainer(ray_local, tiny_
     # the new scalar head is initialised at random in each process: rank 0 broadcasts its weights;
     # the single trainer starts from the same saved model to be comparable
     start = str(rmlib.save_reward_model(*rmlib.load_reward_model(minilm_folder()), tmp_path / "start"))
-    # Scores may differ by a few AdamW steps' worth (lr 5e-5 × 6 steps): the ranks sum gradients in a
+    # Scores may differ by a few AdamW steps' worth (lr 5e-5 × 3 steps): the ranks sum gradients in a
     # different order, and Adam's step on a near-zero gradient is about ±lr whatever its rounding.
     atol = 2e-3
     ranks = [trainer.remote(minilm_folder(), cfg, "cpu", 2, 0) for _ in range(2)]

@@ -13,9 +13,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "configs" / "tiny.yaml"
-# the smallest run with every stage, twice over (the suite's time budget): 4 prompts × 2 answers,
+# the smallest run with every stage (the suite's time budget): one iteration, 4 prompts × 2 answers,
 # two PPO steps with a checkpoint after the first
-SETTINGS = ["ppo.steps=2", "ppo.checkpoint_every=1", "data.train_prompts_per_iter=4", "warmup.prompts=4",
+SETTINGS = ["run.iterations=1", "ppo.steps=2", "ppo.checkpoint_every=1", "data.train_prompts_per_iter=4", "warmup.prompts=4",
             "feedback.responses_per_prompt=2", "ppo.rollout_batch_size=4", "data.eval_harmful=2", "data.eval_benign=1",
             "data.eval_borderline=1"]
 
@@ -70,10 +70,9 @@ def test_killed_run_resumes_to_the_same_result(ray_local, tiny_config, tmp_path)
         assert after["iterations"]["1"][key] == before["iterations"]["1"][key]
     ppo = after["iterations"]["1"]["policy"]
     assert ppo["resumed_after_step"] == 1 and ppo["ppo"][0] == before["iterations"]["1"]["ppo_progress"]["history"][0]
-    assert after["iterations"]["2"]["policy"]["resumed_after_step"] is None
     assert not list(run_dir.rglob("ppo_step_*"))        # step checkpoints go once the stage has its own
-    assert set(resumed["results"]) == set(reference["results"]) == {0, 1, 2}
-    for k in (0, 1, 2):
+    assert set(resumed["results"]) == set(reference["results"]) == {0, 1}
+    for k in (0, 1):
         for metric, value in reference["results"][k].items():
             assert resumed["results"][k][metric] == pytest.approx(value, rel=1e-6, abs=1e-9, nan_ok=True), (k, metric)
     ref_run = Path(reference["run_dir"])
@@ -81,10 +80,9 @@ def test_killed_run_resumes_to_the_same_result(ray_local, tiny_config, tmp_path)
     for got, want in zip(ppo["ppo"], ref_ppo, strict=True):     # the step after the checkpoint too
         for metric, value in want.items():
             assert got[metric] == pytest.approx(value, rel=1e-6, abs=1e-9), metric
-    for k in (1, 2):
-        for name in ("samples.parquet", "eval.parquet", "experience.parquet"):
-            assert (pq.read_table(run_dir / f"iter_{k}" / name).column("response").to_pylist()
-                    == pq.read_table(ref_run / f"iter_{k}" / name).column("response").to_pylist()), (k, name)
+    for name in ("samples.parquet", "eval.parquet", "experience.parquet"):
+        assert (pq.read_table(run_dir / "iter_1" / name).column("response").to_pylist()
+                == pq.read_table(ref_run / "iter_1" / name).column("response").to_pylist()), name
     assert not list(run_dir.rglob("*.tmp*"))
 
 
