@@ -278,7 +278,7 @@ class ResourcesConfig(_Section):
     rollout_backend: Literal["hf", "vllm"] = Field("hf", description=(
         "Rollout decoding: 'hf' (transformers generate; the default and the reference) or 'vllm' (a vLLM "
         "engine per rollout actor; needs a CUDA GPU, `pip install vllm` and gpus_per_rollout > 0; not yet "
-        "run in this project's CI, docs/cluster.md)."))
+        "run in this project's CI, docs/deploy.md)."))
     torch_threads: int = Field(2, ge=1, description=(
         "Torch threads per actor. Stages run one after another, so each may use every core; "
         "set 1 when several actors compute at once."))
