@@ -22,7 +22,7 @@ from rlhf_core.models import resolve_model_path
 from rlhf_core.policy import Policy
 from rlhf_core.prompts import build_prompt_table
 from workers.actors import PolicyTrainerActor
-from workers.cluster import init_ray, start_trainer_ranks
+from workers.cluster import init_ray, start_trainer_ranks, stop_trainer_ranks
 
 
 def _time_updates(cfg, model: str, batch: dict, scores: list[float], steps: int) -> tuple[float, list[dict]]:
@@ -37,10 +37,7 @@ def _time_updates(cfg, model: str, batch: dict, scores: list[float], steps: int)
         history = [ray.get([t.ppo_step.remote(ref, scores, None) for t in ranks])[0] for _ in range(steps)]
         return time.perf_counter() - t0, history
     finally:
-        for t in ranks:
-            ray.kill(t)
-        if placement is not None:
-            ray.util.remove_placement_group(placement)
+        stop_trainer_ranks(ranks, placement)
 
 
 def main() -> None:

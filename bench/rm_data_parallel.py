@@ -18,7 +18,7 @@ import ray
 from rlhf_core import schemas
 from rlhf_core.config import load_config
 from rlhf_core.models import minilm_folder
-from workers.cluster import init_ray, start_reward_trainers
+from workers.cluster import init_ray, start_reward_trainers, stop_trainer_ranks
 
 
 def _time_training(cfg, pairs: list[dict], dest: Path, timeout: float) -> tuple[float, dict]:
@@ -29,10 +29,7 @@ def _time_training(cfg, pairs: list[dict], dest: Path, timeout: float) -> tuple[
         metrics = ray.get([t.train.remote(pairs, str(dest), None, 1) for t in trainers])[0]
         return time.perf_counter() - t0, metrics
     finally:
-        for t in trainers:
-            ray.kill(t)
-        if placement is not None:
-            ray.util.remove_placement_group(placement)
+        stop_trainer_ranks(trainers, placement)
 
 
 def main() -> None:

@@ -105,6 +105,14 @@ class StaleAdapterError(RuntimeError):
     restarted (with the base weights) since the last sync. The controller re-sends the adapter."""
 
 
+def check_generate_request(prompts, use_adapter: bool, expect_version: str | None, version: str) -> None:
+    """What every rollout backend checks before generating (HF here, vLLM in workers/vllm_rollout.py)."""
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError("generate: prompts must be a non-empty list of strings")
+    if use_adapter and expect_version is not None and expect_version != version:
+        raise StaleAdapterError(f"holds adapter {version!r}, asked for {expect_version!r}")
+
+
 @busy_clock
 class RolloutWorker:
     """Holds one policy copy for generation; receives LoRA adapter weights from the trainer."""
@@ -118,10 +126,7 @@ class RolloutWorker:
 
     def generate(self, prompts: list[str], greedy: bool, seed: int | None = None,
                  use_adapter: bool = True, expect_version: str | None = None) -> dict:
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError("generate: prompts must be a non-empty list of strings")
-        if use_adapter and expect_version is not None and expect_version != self.version:
-            raise StaleAdapterError(f"holds adapter {self.version!r}, asked for {expect_version!r}")
+        check_generate_request(prompts, use_adapter, expect_version, self.version)
         self.policy.fold_adapter(use_adapter)      # generate through W + ΔW: one matmul per layer
         batch = self.policy.generate(prompts, greedy=greedy, seed=seed, use_adapter=use_adapter)
         out = batch.to_cpu_dict()

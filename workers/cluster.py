@@ -95,6 +95,15 @@ def start_trainer_ranks(cls, k: int, args: tuple, r, timeout: float, what: str) 
     return trainers, placement
 
 
+def stop_trainer_ranks(trainers: list, placement) -> None:
+    """Kill the ranks `start_trainer_ranks` started and release their placement group."""
+    for t in trainers:
+        ray.kill(t)
+    if placement is not None:
+        from ray.util.placement_group import remove_placement_group
+        remove_placement_group(placement)
+
+
 def start_reward_trainers(cfg, backbone_path: str, timeout: float, seed_offset: int = 0) -> tuple[list, object]:
     """The reward-model (or cost-model) trainer ranks: resources.reward_model_trainers of them."""
     r = cfg.resources

@@ -33,7 +33,7 @@ import os
 
 import torch
 
-from workers.actors import StaleAdapterError, _setup_threads, busy_clock
+from workers.actors import _setup_threads, busy_clock, check_generate_request
 
 BACKEND_KEY = "resources.rollout_backend"
 
@@ -289,10 +289,7 @@ class VLLMRolloutWorker:
 
     def generate(self, prompts: list[str], greedy: bool, seed: int | None = None,
                  use_adapter: bool = True, expect_version: str | None = None) -> dict:
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError("generate: prompts must be a non-empty list of strings")
-        if use_adapter and expect_version is not None and expect_version != self.version:
-            raise StaleAdapterError(f"holds adapter {self.version!r}, asked for {expect_version!r}")
+        check_generate_request(prompts, use_adapter, expect_version, self.version)
         self._serve("policy" if use_adapter else "reference")
         q_ids, q_mask = self.policy.encode_queries(prompts)                  # (B, Q) as the HF backend
         queries = [row[m.bool()].tolist() for row, m in zip(q_ids, q_mask)]
