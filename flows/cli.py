@@ -131,11 +131,11 @@ def _add_feedback_tools(sub: argparse._SubParsersAction) -> None:
 
 def _feedback_tools_main(args: argparse.Namespace) -> int:
     """`judge serve` and `prefs import|export`: no pipeline config, no Ray or Prefect."""
-    from rich.console import Console
+    from flows.console import make_console
     from rich.markup import escape
 
     from rlhf_core import interop, schemas
-    console = Console()
+    console = make_console()
     if args.command == "judge":
         from labeling.judge_server import serve
         from rlhf_core.models import resolve_model_path
@@ -224,13 +224,13 @@ def _labeling_main(args: argparse.Namespace) -> int:
 
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from rich.console import Console
+    from flows.console import make_console
     from rich.markup import escape
     from rich.table import Table
 
     from labeling import store
     from rlhf_core.schemas import SchemaError
-    console = Console()
+    console = make_console()
     try:
         if args.command == "annotators" and args.annotators_command == "add":
             store.init_db(args.db)
@@ -341,11 +341,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("judge", "prefs"):
         return _feedback_tools_main(args)
     _prepare_env()
-    from rich.console import Console
+    from flows.console import make_console
 
     from rlhf_core.config import ConfigError, describe_fields, load_config
     from rlhf_core.prompts import PromptFileError
-    console = Console()
+    console = make_console()
     if args.command == "resume":
         return _resume_main(console, args)
     try:

@@ -26,12 +26,12 @@ def add_models_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def models_main(args: argparse.Namespace) -> int:
-    from rich.console import Console
+    from flows.console import make_console
     from rich.markup import escape
     from rich.table import Table
 
     from rlhf_core.registry import Registry, RegistryError
-    console = Console()
+    console = make_console()
     reg = Registry(args.registry)
     try:
         if args.models_command != "list" and not reg.path.exists():

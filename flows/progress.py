@@ -9,13 +9,13 @@ import contextlib
 import sys
 import time
 
-from rich.console import Console
+from flows.console import make_console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 
 class ProgressUI:
     def __init__(self, enabled: bool | None = None, log=print):
-        self.console = Console(stderr=True)
+        self.console = make_console(stderr=True)
         self.enabled = sys.stderr.isatty() if enabled is None else enabled
         self.log = log
         self._progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),

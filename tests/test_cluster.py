@@ -3,6 +3,7 @@ machine (ray.cluster_utils.Cluster), and a separately started `ray start --head`
 run joins through RAY_ADDRESS. Each runs in its own process: the test session has its own Ray."""
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -34,7 +35,9 @@ def test_run_joins_a_separately_started_head(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    # The head and the driver share a token of this test's own: whether Ray 2.60 turns token auth on
+    # depends on whether ~/.ray/auth_token exists on the machine, which a fresh CI machine lacks.
+    env = dict(os.environ, HF_HUB_OFFLINE="1", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
     # --block keeps the head in the foreground of its own session: killing that session stops it
     # (and only it: `ray stop` would also stop the test session's own Ray).
     # the `ray` script of this environment, whether or not its bin folder is on PATH
@@ -48,8 +51,7 @@ def test_run_joins_a_separately_started_head(tmp_path):
         for _ in range(20):                  # the head takes a few seconds to accept drivers
             proc = subprocess.run([sys.executable, str(JOB), "connect", str(tmp_path)], cwd=ROOT,
                                   capture_output=True, text=True, timeout=300,
-                                  # Ray 2.60 heads use token auth where ~/.ray/auth_token exists
-                                  env=dict(env, RAY_ADDRESS=f"127.0.0.1:{port}", RAY_AUTH_MODE="token"))
+                                  env=dict(env, RAY_ADDRESS=f"127.0.0.1:{port}"))
             if proc.returncode == 0 or "Could not" not in proc.stderr:
                 break
             time.sleep(2)

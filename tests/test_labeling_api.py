@@ -272,9 +272,12 @@ def test_cli_publish_label_export(tmp_path, capsys, monkeypatch):
     assert cli(["annotators", "add", "alice", "--db", str(db)]) == 2
     assert "already exists" in capsys.readouterr().out
     assert cli(["label", "publish", "--db", str(db), "--preferences", str(prefs), "--batch", "b1"]) == 0
-    assert cli(["label", "publish", "--db", str(db), "--preferences", str(tmp_path / "nope.parquet"),
-                "--batch", "b2"]) == 2
-    assert "cannot read Parquet" in capsys.readouterr().out
+    # An error is one line a user can grep, however narrow the terminal and however long the path.
+    monkeypatch.setenv("COLUMNS", "40")
+    missing = tmp_path / ("a-long-folder-name-" * 6) / "nope.parquet"
+    assert cli(["label", "publish", "--db", str(db), "--preferences", str(missing), "--batch", "b2"]) == 2
+    error_lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("error:")]
+    assert len(error_lines) == 1 and f"--preferences {missing}: cannot read Parquet" in error_lines[0], error_lines
 
     orders = iter(["ab", "ba", "ba"])
     monkeypatch.setattr(store, "_draw_order", lambda: next(orders))
