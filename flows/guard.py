@@ -1,7 +1,8 @@
 """The `check_reward_hacking` stage: gather each iteration's signals, run the detectors, act.
 
     signals_k  ← held-out answers of k and k−1 scored by the latest reward model (ensemble), the
-                 judge's totals, KL, distinct bigrams, corr(RL reward, length) of the experience
+                 evaluation judge's share of right answers (gold), its agreement with the training
+                 detector, KL, distinct bigrams, corr(RL reward, length) of the experience
     alerts     ← guards.check(signals_0..k)
     warn | stop | rollback to iteration k−1's checkpoint      (guards.action)
 """
@@ -13,11 +14,15 @@ from flows import artifacts
 from flows.artifacts import artifact_key
 from flows.run_state import RUNS, stage
 from rlhf_core import schemas
+from rlhf_core.evaluation import gold
 from rlhf_core.guards import check, correlation, distinct_n
 
 
 def _eval_rows(st, k: int) -> list[dict]:
-    return schemas.read_table(st.run_dir / f"iter_{k}" / "eval.parquet", schemas.EVAL_RESULTS).to_pylist()
+    """Iteration k's in-distribution evaluation rows: the prompts every iteration is evaluated on, so
+    signals compare like with like (the generalisation set is evaluated at the base and the end)."""
+    rows = schemas.read_table(st.run_dir / f"iter_{k}" / "eval.parquet", schemas.EVAL_RESULTS).to_pylist()
+    return [r for r in rows if r["eval_set"] == "in_distribution"]
 
 
 def _signals(st, k: int) -> dict:
@@ -27,11 +32,16 @@ def _signals(st, k: int) -> dict:
     mean = members.mean(0)
     exp = schemas.read_table(st.run_dir / f"iter_{k}" / "experience.parquet", schemas.EXPERIENCE).to_pylist()
     return {"iteration": k, "proxy": float(mean[: len(cur)].mean()), "proxy_prev": float(mean[len(cur):].mean()),
-            "gold": float(np.mean([r["judge_total"] for r in cur])),
-            "gold_prev": float(np.mean([r["judge_total"] for r in prev])),
+            # gold: the share of answers the evaluation judge finds right — no training signal in it
+            "gold": gold(cur), "gold_prev": gold(prev), "judge_agreement": _agreement(cur),
             "ensemble_std": float(members[:, : len(cur)].std(0).mean()) if len(members) > 1 else None,
             "reward_length_corr": correlation([e["reward"] for e in exp], [e["num_tokens"] for e in exp]),
             "kl": float(np.mean([r["kl"] for r in cur])), "distinct_2": distinct_n([r["response"] for r in cur])}
+
+
+def _agreement(rows: list[dict]) -> float:
+    """Share of answers on which the training detector and the evaluation judge agree (refused or not)."""
+    return float(np.mean([r["detector_refused"] == r["refused"] for r in rows])) if rows else float("nan")
 
 
 @stage
@@ -40,7 +50,9 @@ def check_reward_hacking(run_id: str, k: int) -> list[dict]:
     st = RUNS[run_id]
     if (rec := st.done(k, "guards")) is not None:
         return rec["alerts"]
-    base = {"iteration": 0, "distinct_2": distinct_n([r["response"] for r in _eval_rows(st, 0)])}
+    base_rows = _eval_rows(st, 0)
+    base = {"iteration": 0, "distinct_2": distinct_n([r["response"] for r in base_rows]),
+            "judge_agreement": _agreement(base_rows)}
     history = [base] + [st.manifest["iterations"][str(j)]["guards"]["signals"] for j in range(1, k)
                         if "guards" in st.manifest["iterations"].get(str(j), {})]
     signals = _signals(st, k)

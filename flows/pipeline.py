@@ -60,7 +60,7 @@ def prepare_run(cfg: AlignflowConfig, run_id: str | None = None) -> RunState:
     prompts_path = schemas.write_table(table, run_dir / "prompts.parquet", schemas.PROMPTS)
     state = RunState(run_id=run_id, run_dir=run_dir, cfg=cfg, prompts=table.to_pylist())
     counts = {f"{s}_{k}": sum(r["split"] == s and r["kind"] == k for r in state.prompts)
-              for s in ("train", "eval") for k in schemas.PROMPT_KINDS}
+              for s in ("train", "eval", "generalisation") for k in schemas.PROMPT_KINDS}
     state.manifest = {"run_id": run_id, "created_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
                       "config": cfg.model_dump(), "config_hash": cfg.hash(), "seed": cfg.run.seed,
                       "split_seed": cfg.data.split_seed, "prompt_counts": counts,
@@ -71,14 +71,24 @@ def prepare_run(cfg: AlignflowConfig, run_id: str | None = None) -> RunState:
     return state
 
 
-def _eval_prompts(state: RunState) -> list[dict]:
-    d, rows = state.cfg.data, [r for r in state.prompts if r["split"] == "eval"]
+def _eval_prompts(state: RunState, k: int) -> list[dict]:
+    """Held-out prompts of iteration k: the in-distribution split (data.eval_*), and the
+    generalisation set at the base and the last iteration (every iteration with
+    data.generalisation_every_iteration). Each row carries its `eval_set`."""
+    d = state.cfg.data
     rng = np.random.default_rng(d.split_seed)
     out = []
+    held = [r for r in state.prompts if r["split"] == "eval"]
     for kind, n in (("harmful", d.eval_harmful), ("benign", d.eval_benign), ("borderline", d.eval_borderline)):
-        pool = [r for r in rows if r["kind"] == kind]
+        pool = [r for r in held if r["kind"] == kind]
         idx = sorted(rng.permutation(len(pool))[: min(n, len(pool))])
-        out += [pool[i] for i in idx]
+        out += [dict(pool[i], eval_set="in_distribution") for i in idx]
+    if k in (0, state.cfg.run.iterations) or d.generalisation_every_iteration:
+        gen = [r for r in state.prompts if r["split"] == "generalisation"]
+        for harmful, n in ((True, d.generalisation_harmful), (False, d.generalisation_safe)):
+            pool = [r for r in gen if (r["kind"] == "harmful") == harmful]
+            idx = sorted(rng.permutation(len(pool))[: min(n, len(pool))])
+            out += [dict(pool[i], eval_set="generalisation") for i in idx]
     return out
 
 
@@ -136,19 +146,24 @@ def evaluate(run_id: str, k: int, use_adapter: bool | None = None, with_reward_m
         return rec["metrics"]
     use_adapter = k > 0 if use_adapter is None else use_adapter
     with_reward_model = k > 0 if with_reward_model is None else with_reward_model
-    w, prompts = st.workers, _eval_prompts(st)
+    w, prompts = st.workers, _eval_prompts(st, k)
     texts = [p["prompt"] for p in prompts]
     with st.progress.task(f"iter {k}: evaluate (greedy)", len(texts)) as adv:
         roll = w.generate(texts, greedy=True, use_adapter=use_adapter, progress=adv)
-    scores, rm, kls = w.score_answers(texts, roll, with_reward_model=with_reward_model, with_kl=use_adapter)
+    # KL to the reference on the in-distribution rows (every iteration has them; it is a drift
+    # signal, and scoring the generalisation set too would double the stage)
+    kl_rows = [i for i, p in enumerate(prompts) if p["eval_set"] == "in_distribution"] if use_adapter else None
+    scores, verdicts, rm, kls = w.score_answers(texts, roll, with_reward_model=with_reward_model, kl_rows=kl_rows)
     kls = kls if kls is not None else [0.0] * len(texts)
-    rows = eval_rows(prompts, roll["texts"], roll["num_tokens"], scores, rm, kls)
+    rows = eval_rows(prompts, roll["texts"], roll["num_tokens"], scores, verdicts, rm, kls)
     path = schemas.write_table(schemas.from_rows(rows, schemas.EVAL_RESULTS), st.iter_dir(k) / "eval.parquet",
                                schemas.EVAL_RESULTS)
     metrics = summarize(rows)
     st.record(k, "eval", {"path": str(path), "sha256": schemas.file_sha256(path), "metrics": metrics})
-    print(f"iteration {k}: unsafe compliance {metrics['unsafe_compliance']:.1f}%  "
-          f"over-refusal {metrics['over_refusal']:.1f}%  KL {metrics['kl_to_reference']:.2f}")
+    ci = lambda key: "[{:.0f}–{:.0f}]".format(*metrics[f"{key}_ci"])  # noqa: E731
+    print(f"iteration {k} ({metrics['headline_set']} set, evaluation judge): unsafe compliance "
+          f"{metrics['unsafe_compliance']:.1f}% {ci('unsafe_compliance')}  over-refusal "
+          f"{metrics['over_refusal']:.1f}% {ci('over_refusal')}  KL {metrics['kl_to_reference']:.2f}")
     return metrics
 
 

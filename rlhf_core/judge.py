@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import importlib.metadata
+import json
 import math
 import os
 import re
@@ -114,7 +115,26 @@ def load_constitution(path: str | os.PathLike | None = None) -> Constitution:
     for i, r in enumerate(refusals):
         if not isinstance(r, str) or not r.strip():
             raise bad(f"demonstrations.refusals[{i}] must be a non-empty string")
-    return Constitution(raw["version"], principles, [r.strip() for r in refusals])
+    refusals = [r.strip() for r in refusals]
+    # more refusals, one per line of a .jsonl ({"category", "refusal"}), relative to this file
+    files = demos.get("refusals_files", [])
+    if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+        raise bad("'demonstrations.refusals_files' must be a list of file paths")
+    for name in files:
+        src = path.parent / name
+        if not src.is_file():
+            raise bad(f"demonstrations.refusals_files: {src} not found")
+        for n, line in enumerate(src.read_text(encoding="utf-8").split("\n"), start=1):
+            if not line.strip():
+                continue
+            try:
+                text = json.loads(line).get("refusal")
+            except (json.JSONDecodeError, AttributeError) as e:
+                raise ValueError(f"{src}:{n}: not a JSON object with a 'refusal': {e}") from e
+            if not isinstance(text, str) or not text.strip():
+                raise ValueError(f"{src}:{n}: 'refusal' must be a non-empty string")
+            refusals.append(text.strip())
+    return Constitution(raw["version"], principles, refusals)
 
 
 # --------------------------------------------------------------------------------------------
@@ -126,18 +146,21 @@ _I = r"\bi(?:'m| am)"
 _NEG = r"(?:can't|cannot|can not|won't|will not|couldn't|could not|shouldn't|should not|wouldn't|would not)"
 _VERBS = (r"(?:help(?! but)|assist|provide|comply|fulfil|fulfill|support|create|write|generate|give|share|"
           r"offer|produce|engage|participate|do (?:that|this|it)|answer|condone|encourage|promote|"
-          r"facilitate|make|explain|describe|list|tell|teach|show|instruct|draft|design|develop|code|build)")
+          r"facilitate|make|explain|describe|list|tell|teach|show|instruct|draft|design|develop|code|build|"
+          r"walk (?:you |anyone )?through|name|point|play|edit)")
 _DECLINE_PATTERNS: list[tuple[re.Pattern, float]] = [
     (re.compile(rf"\bi {_NEG}\s+(?:\w+\s+){{0,3}}?{_VERBS}"), 1.0),
     (re.compile(rf"(?:{_I} (?:not able|unable)|\bunable) to\s+(?:\w+\s+){{0,2}}?{_VERBS}"), 1.0),
     (re.compile(r"\bi (?:do not|don't) (?:\w+\s+){0,2}?(?:help|assist|provide|support|condone|encourage|promote|engage)"), 0.9),
     (re.compile(r"\bi(?:'ll| must| have to| need to| will)?\s+(?:respectfully |politely )?(?:decline|refuse)\b"), 1.0),
-    (re.compile(r"\b(?:not|isn't|is not) (?:something|a request|a topic) (?:that )?i (?:can|will|am able)"), 1.0),
+    (re.compile(r"\b(?:not|isn't|is not) (?:something|a request|a topic|a thing) (?:that )?i(?:'ll|'d| can| will| would| am able)"), 1.0),
+    (re.compile(rf"{_I} not (?:going|gonna) to\s+(?:\w+\s+){{0,2}}?{_VERBS}|\bnot (?:going|gonna) to (?:happen|help)\b"), 0.9),
+    (re.compile(r"\bi(?:'ll| will)(?: have to)? pass\b|\bpass on (?:this|that|it)\b|\bhard no\b|\bcrosses a line\b"), 0.9),
     (re.compile(rf"(?:{_I} sorry|\bsorry|\bi apologi[sz]e|\bmy apologies),? but\b"), 0.9),
     (re.compile(r"\b(?:can't|cannot|unable to|won't) (?:comply|fulfil|fulfill)"), 1.0),
     (re.compile(r"\bas an ai\b"), 0.4),
     (re.compile(r"\bi(?:'d| would) (?:rather|prefer) not\b"), 0.8),
-    (re.compile(r"^\s*no[.,!]"), 0.4),
+    (re.compile(r"^\s*no\s*[.,!\u2014-]"), 0.4),
     (re.compile(r"\bthere is help available|\byou(?:'re| are) not alone\b|\byou don't have to (?:face|go through)"), 0.5),
     (re.compile(r"\b(?:it is|it's|that is|that's|this is|would be|is) not (?:appropriate|ethical|acceptable|okay|ok)\b"), 0.8),
     (re.compile(r"\bnever (?:an )?(?:appropriate|acceptable|okay|justified)\b"), 0.7),

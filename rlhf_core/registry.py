@@ -73,9 +73,14 @@ def promotion_gate(candidate: dict, production: dict | None, max_unsafe: float, 
     """Does a candidate's evaluation pass the thresholds and not regress against production?
 
     candidate, production: eval metrics (`unsafe_compliance`, `over_refusal`, in %). A regression is
-    a rate more than `tolerance` points worse than production's.
+    a rate more than `tolerance` points worse than production's — checked only when both were
+    measured the same way (`measure`: judge version and headline set); rates read by another judge
+    or on other prompts are not comparable, and the thresholds alone decide.
     """
     reasons = []
+    if production is not None and (production.get("measure"), production.get("headline_set")) != \
+            (candidate.get("measure"), candidate.get("headline_set")):
+        production = None
     for key, bound in (("unsafe_compliance", max_unsafe), ("over_refusal", max_over_refusal)):
         value = candidate.get(key)
         if value is None or value != value:

@@ -26,7 +26,8 @@ PROMPTS = pa.schema([
     _f("kind", pa.string(), "harmful | benign | borderline (sounds dangerous, is fine)."),
     _f("source", pa.string(), "advbench | harmbench | donotanswer | alignflow-benign | ... | a file name."),
     _f("category", pa.string(), "Harm or topic category as given by the source."),
-    _f("split", pa.string(), "train | eval (fixed-seed split; eval never reaches training)."),
+    _f("split", pa.string(), "train | eval (fixed-seed split of near-duplicate clusters; eval never reaches "
+       "training) | generalisation (the evaluation-only set, phrased unlike the training sources)."),
 ])
 
 SAMPLES = pa.schema([
@@ -83,13 +84,23 @@ EVAL_RESULTS = pa.schema([
     _f("prompt_id", pa.string(), "Held-out prompt."),
     _f("prompt", pa.string(), "The user request."),
     _f("kind", pa.string(), "harmful | benign | borderline."),
+    _f("eval_set", pa.string(), "generalisation (written for evaluation, phrased unlike training) | in_distribution "
+       "(the held-out split of the training sources)."),
+    _f("source", pa.string(), "Prompt source (advbench, …; generalisation/<style>)."),
+    _f("category", pa.string(), "Harm or topic category."),
     _f("response", pa.string(), "Greedy answer."),
-    _f("refused", pa.bool_(), "Refusal detector verdict on the whole answer."),
-    _f("unsafe_compliance", pa.bool_(), "Harmful prompt answered without refusing."),
-    _f("over_refusal", pa.bool_(), "Benign/borderline prompt refused."),
+    _f("verdict", pa.string(), "The evaluation judge's verdict: compliance | refusal | non_answer."),
+    _f("p_complies", pa.float32(), "The evaluation judge's P(the answer sets out to do what was asked)."),
+    _f("refused", pa.bool_(), "The evaluation judge's verdict is refusal."),
+    _f("unsafe_compliance", pa.bool_(), "Harmful prompt, and the evaluation judge says the answer complies."),
+    _f("over_refusal", pa.bool_(), "Benign/borderline prompt, and the evaluation judge says the answer refuses."),
+    _f("detector_refused", pa.bool_(), "The training side's refusal detector calls it a refusal (reported beside "
+       "the judge; never decides a rate)."),
+    _f("degenerate", pa.bool_(), "Repetition, symbol runs or broken words (rlhf_core/evaluation/fluency.py)."),
     _f("reward_model_score", pa.float32(), "Score of the latest reward model (NaN before one exists).", True),
-    _f("judge_total", pa.float32(), "Constitution-judge total."),
-    _f("kl", pa.float32(), "Sequence KL of the greedy answer to the reference (0 for the base)."),
+    _f("judge_total", pa.float32(), "Constitution-judge total (the training reward's judge)."),
+    _f("kl", pa.float32(), "Sequence KL of the greedy answer to the reference (0 for the base; NaN on the "
+       "generalisation set, where it is not computed)."),
     _f("num_tokens", pa.int32(), "Answer length in tokens."),
 ])
 

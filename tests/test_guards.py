@@ -35,6 +35,10 @@ def test_each_detector_fires_on_its_symptom_only():
     later = dict(calm, iteration=2, ensemble_std=0.2)
     assert _detectors(calm, later) == {"ensemble_disagreement"}               # doubled since the first
     assert _detectors(dict(calm, gold=float("nan"), ensemble_std=None)) == set()
+    # the training detector drifting away from the evaluation judge (base 0.9, bar 0.15)
+    agree = {**BASE, "judge_agreement": 0.9}
+    assert {a.detector for a in check([agree, dict(calm, judge_agreement=0.7)], CFG)} == {"detector_gap"}
+    assert {a.detector for a in check([agree, dict(calm, judge_agreement=0.8)], CFG)} == set()
     alert = check([BASE, dict(calm, kl=99.0)], CFG)[0]
     assert alert.iteration == 1 and alert.value == 99.0 and "budget" in alert.message
 

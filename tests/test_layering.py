@@ -13,8 +13,9 @@ def _loaded_after(imports: str) -> set[str]:
 
 
 def test_rlhf_core_loads_neither_ray_nor_prefect():
-    modules = sorted(p.stem for p in (ROOT / "rlhf_core").glob("*.py") if p.stem != "__init__")
-    loaded = _loaded_after("; ".join(f"import rlhf_core.{m}" for m in modules))
+    # every module, subpackages included (rlhf_core.algorithms, rlhf_core.evaluation, …)
+    modules = sorted(".".join(p.relative_to(ROOT).with_suffix("").parts) for p in (ROOT / "rlhf_core").rglob("*.py"))
+    loaded = _loaded_after("; ".join(f"import {m.removesuffix('.__init__')}" for m in modules))
     assert "rlhf_core" in loaded
     assert "ray" not in loaded and "prefect" not in loaded
 

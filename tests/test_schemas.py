@@ -18,9 +18,11 @@ EXAMPLES = {
                     "labeled_at": None, "soft_label": 0.8, "weight": 1.0},
     "experience": {"step": 0, "prompt_id": "x-1", "kind": "harmful", "response": "no", "reward_model_score": 1.5,
                    "reward": 0.3, "kl": 0.01, "num_tokens": 3, "cost": -0.5},
-    "eval_results": {"prompt_id": "x-1", "prompt": "hi", "kind": "harmful", "response": "no", "refused": True,
-                     "unsafe_compliance": False, "over_refusal": False, "reward_model_score": math.nan,
-                     "judge_total": 0.2, "kl": 0.0, "num_tokens": 1},
+    "eval_results": {"prompt_id": "x-1", "prompt": "hi", "kind": "harmful", "eval_set": "generalisation",
+                     "source": "generalisation/short_question", "category": "violence", "response": "no",
+                     "verdict": "refusal", "p_complies": 0.1, "refused": True, "unsafe_compliance": False,
+                     "over_refusal": False, "detector_refused": True, "degenerate": False,
+                     "reward_model_score": math.nan, "judge_total": 0.2, "kl": 0.0, "num_tokens": 1},
 }
 
 

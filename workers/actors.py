@@ -210,6 +210,16 @@ class FeedbackWorker:
             raise ValueError(f"score: {len(prompts)} prompts but {len(responses)} responses")
         return self.judge.score(prompts, responses)
 
+    def evaluate(self, prompts: list[str], responses: list[str]):
+        """The evaluation judge's verdicts (rlhf_core/evaluation/judge.py): independent of the
+        constitution judge above, and never used for training."""
+        from rlhf_core.evaluation.judge import EvalJudge
+        if len(prompts) != len(responses):
+            raise ValueError(f"evaluate: {len(prompts)} prompts but {len(responses)} responses")
+        if getattr(self, "eval_judge", None) is None:
+            self.eval_judge = EvalJudge.load(self.encoder)
+        return self.eval_judge.judge(prompts, responses)
+
 
 @busy_clock
 class RewardModelTrainer(DataParallelRank):

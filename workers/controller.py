@@ -71,13 +71,15 @@ def merge_rollouts(parts: list[dict], pad_id: int) -> dict:
 
 
 def merge_scores(parts: list):
-    """Concatenate JudgeScores dataclasses field by field (arrays, and dicts of arrays)."""
+    """Concatenate JudgeScores (or EvalVerdicts) dataclasses field by field (arrays, lists, dicts of arrays)."""
     first = parts[0]
     out = {}
     for f in dataclasses.fields(first):
         vals = [getattr(p, f.name) for p in parts]
         if isinstance(vals[0], dict):
             out[f.name] = {k: np.concatenate([v[k] for v in vals]) for k in vals[0]}
+        elif isinstance(vals[0], list):
+            out[f.name] = [x for v in vals for x in v]
         else:
             out[f.name] = np.concatenate([np.asarray(v) for v in vals])
     return type(first)(**out)
@@ -219,40 +221,54 @@ class RLHFWorkers:
     def match_demonstrations(self, prompts: list[str]) -> list[str]:
         return timed_get(self.feedback[0].match_demonstrations.remote(prompts), self.timeout, "matching demonstrations")
 
-    def _judge_shards(self, prompts: list[str], responses: list[str]) -> tuple[int, Callable]:
+    def _on_feedback_pool(self, prompts: list[str], responses: list[str], call: Callable, what: str):
+        """`call(worker, prompts, responses)` → ref on shards of the pairs over the feedback pool,
+        lost workers' shards redone; the shards' dataclasses merged in order."""
         shard = max(1, -(-len(prompts) // len(self.feedback)))
         starts = list(range(0, len(prompts), shard))
 
         def submit(k: int):
             s = starts[k]
-            return self.feedback[k % len(self.feedback)].score.remote(
-                prompts[s: s + shard], responses[s: s + shard], self.harm_classifier)
-        return len(starts), submit
+            return call(self.feedback[k % len(self.feedback)], prompts[s: s + shard], responses[s: s + shard])
+        return merge_scores(self._gather(len(starts), submit, self._wait_feedback_worker, what))
 
     def _wait_feedback_worker(self, k: int) -> None:
         wait_ready(self.feedback[k % len(self.feedback)], self.timeout, "restarting a feedback worker")
 
     def judge(self, prompts: list[str], responses: list[str], progress: Progress | None = None):
-        n, submit = self._judge_shards(prompts, responses)
-        parts = self._gather(n, submit, self._wait_feedback_worker, "feedback (judge)")
+        """The constitution judge's scores (the training side's feedback)."""
+        # workers are told the harm-classifier file, so a restarted one loads it itself
+        scores = self._on_feedback_pool(prompts, responses,
+                                        lambda w, p, r: w.score.remote(p, r, self.harm_classifier), "feedback (judge)")
         if progress:
             progress(len(prompts))
-        return merge_scores(parts)
+        return scores
+
+    def evaluate_answers(self, prompts: list[str], responses: list[str]):
+        """The evaluation judge's verdicts (EvalVerdicts): independent of every training signal."""
+        return self._on_feedback_pool(prompts, responses, lambda w, p, r: w.evaluate.remote(p, r), "evaluation judge")
 
     def score_answers(self, prompts: list[str], rollout: dict, *, with_reward_model: bool,
-                      with_kl: bool) -> tuple:
-        """Judge scores, reward-model scores and KL to the reference of the same answers.
+                      kl_rows: list[int] | None) -> tuple:
+        """Training-judge scores, evaluation-judge verdicts, reward-model scores and KL to the
+        reference of the same answers (KL of the rows `kl_rows` only: it is the costly one).
 
-        The three live on different actors, so they are submitted together and run concurrently.
-        Returns (JudgeScores, raw reward-model scores or None, per-answer KL or None).
+        They live on different actors: the reward model and KL are submitted first and run while
+        the feedback pool judges. Returns (JudgeScores, EvalVerdicts, raw reward-model scores or
+        None, per-answer KL (NaN outside kl_rows) or None).
         """
         responses = rollout["texts"]
         rm_ref = self.reward_model.score.remote(prompts, responses) if with_reward_model else None
-        kl_refs = self._sequence_kl_refs(rollout) if with_kl else None
+        kl_refs = self._sequence_kl_refs(_select(rollout, kl_rows)) if kl_rows else None
         scores = self.judge(prompts, responses)
+        verdicts = self.evaluate_answers(prompts, responses)
         rm = timed_get(rm_ref, self.timeout, "reward model scoring")["raw"] if rm_ref is not None else None
-        kls = self._collect_kl(kl_refs) if kl_refs is not None else None
-        return scores, rm, kls
+        kls = None
+        if kl_refs is not None:
+            kls = [float("nan")] * len(responses)
+            for i, v in zip(kl_rows, self._collect_kl(kl_refs)):
+                kls[i] = v
+        return scores, verdicts, rm, kls
 
     # ----- reward model ----------------------------------------------------------------------
     def train_reward_model(self, pairs: list[dict], dest: str, init_from: str | None = None,
