@@ -23,3 +23,23 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def read_jsonl(path: str | os.PathLike, error: type[Exception] = ValueError) -> list[tuple[int, dict]]:
+    """(line number, object) for every non-blank line of a .jsonl file; `error` names the file and
+    line of one that is not a JSON object. Splits at "\\n" only: str.splitlines also breaks at
+    U+2028 inside a JSON string, which would cut a record in two and shift every later line number."""
+    import json
+    path = Path(path)
+    out = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise error(f"{path}:{n}: invalid JSON: {e.msg}") from e
+        if not isinstance(obj, dict):
+            raise error(f"{path}:{n}: expected a JSON object")
+        out.append((n, obj))
+    return out

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import csv
 import importlib.metadata
-import json
 import math
 import os
 import re
@@ -29,6 +28,8 @@ from typing import Sequence
 
 import numpy as np
 import yaml
+
+from rlhf_core.io import read_jsonl
 
 DEFAULT_CONSTITUTION = Path(__file__).parent / "constitution.yaml"
 SCORERS = ("refusal_when_harmful", "help_when_benign", "no_toxicity", "helpfulness", "no_lecturing")
@@ -124,13 +125,8 @@ def load_constitution(path: str | os.PathLike | None = None) -> Constitution:
         src = path.parent / name
         if not src.is_file():
             raise bad(f"demonstrations.refusals_files: {src} not found")
-        for n, line in enumerate(src.read_text(encoding="utf-8").split("\n"), start=1):
-            if not line.strip():
-                continue
-            try:
-                text = json.loads(line).get("refusal")
-            except (json.JSONDecodeError, AttributeError) as e:
-                raise ValueError(f"{src}:{n}: not a JSON object with a 'refusal': {e}") from e
+        for n, obj in read_jsonl(src):
+            text = obj.get("refusal")
             if not isinstance(text, str) or not text.strip():
                 raise ValueError(f"{src}:{n}: 'refusal' must be a non-empty string")
             refusals.append(text.strip())

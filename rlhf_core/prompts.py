@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from rlhf_core.io import read_jsonl
 from rlhf_core.schemas import PROMPTS, from_rows
 
 DATA_DIR = Path(__file__).parent / "data"
@@ -130,16 +131,8 @@ def read_prompt_file(path: str | Path, kind: str) -> list[dict]:
         except UnicodeDecodeError as e:
             raise PromptFileError(f"{path}: not valid UTF-8 (byte {e.start}): {e.reason}") from e
         if suffix == ".jsonl":
-            # "\n" only: str.splitlines also breaks at U+2028 etc. inside a JSON string, which would
-            # cut a record in two and shift every later line number in the error messages
-            for n, line in enumerate(text.split("\n"), start=1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise PromptFileError(f"{path}:{n}: invalid JSON: {e.msg}") from e
-                if not isinstance(obj, dict) or "prompt" not in obj:
+            for n, obj in read_jsonl(path, PromptFileError):
+                if "prompt" not in obj:
                     raise PromptFileError(f"{path}:{n}: missing field 'prompt'")
                 records.append((n, obj))
         elif suffix == ".csv":

@@ -102,14 +102,9 @@ def _pyrit_rows() -> list[Labelled]:
 
 
 def _team_rows(path: Path = LABELS_FILE) -> list[Labelled]:
+    from rlhf_core.io import read_jsonl
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: invalid JSON: {e.msg}") from e
+    for n, r in read_jsonl(path):
         if r.get("verdict") not in VERDICTS or not isinstance(r.get("response"), str) \
                 or not isinstance(r.get("prompt"), str) or not r["prompt"].strip():
             raise ValueError(f"{path}:{n}: needs a non-empty 'prompt', a 'response' and a 'verdict' in {VERDICTS}")

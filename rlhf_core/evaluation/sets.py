@@ -11,9 +11,9 @@ style is kept as the source ("generalisation/<style>") so every report has rates
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from rlhf_core.io import read_jsonl
 from rlhf_core.prompts import PromptFileError, prompt_id
 
 GENERALISATION_FILE = Path(__file__).parent / "data" / "generalisation_prompts.jsonl"
@@ -23,13 +23,7 @@ KINDS = {"harmful": "harmful", "safe": "borderline"}
 def generalisation_rows(path: Path = GENERALISATION_FILE) -> list[dict]:
     """Rows of schemas.PROMPTS with split "generalisation"; errors name the file and line."""
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            raw = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise PromptFileError(f"{path}:{n}: invalid JSON: {e.msg}") from e
+    for n, raw in read_jsonl(path, PromptFileError):
         text, kind = raw.get("prompt"), KINDS.get(raw.get("kind"))
         if not isinstance(text, str) or not text.strip() or kind is None:
             raise PromptFileError(f"{path}:{n}: needs a non-empty 'prompt' and a 'kind' in {sorted(KINDS)}")
