@@ -73,8 +73,7 @@ def test_killed_run_resumes_to_the_same_result(ray_local, tiny_config, tmp_path)
     assert not list(run_dir.rglob("ppo_step_*"))        # step checkpoints go once the stage has its own
     assert set(resumed["results"]) == set(reference["results"]) == {0, 1}
     for k in (0, 1):
-        for metric, value in reference["results"][k].items():
-            assert resumed["results"][k][metric] == pytest.approx(value, rel=1e-6, abs=1e-9, nan_ok=True), (k, metric)
+        _assert_close(resumed["results"][k], reference["results"][k], f"results[{k}]")
     ref_run = Path(reference["run_dir"])
     ref_ppo = json.loads((ref_run / "manifest.json").read_text())["iterations"]["1"]["policy"]["ppo"]
     for got, want in zip(ppo["ppo"], ref_ppo, strict=True):     # the step after the checkpoint too
@@ -84,6 +83,22 @@ def test_killed_run_resumes_to_the_same_result(ray_local, tiny_config, tmp_path)
         assert (pq.read_table(run_dir / "iter_1" / name).column("response").to_pylist()
                 == pq.read_table(ref_run / "iter_1" / name).column("response").to_pylist()), name
     assert not list(run_dir.rglob("*.tmp*"))
+
+
+def _assert_close(got, want, where: str) -> None:
+    """Equal metrics: numbers to rel 1e-6, the rest (set names, nested rates and intervals) exactly."""
+    if isinstance(want, dict):
+        assert set(got) == set(want), where
+        for key in want:
+            _assert_close(got[key], want[key], f"{where}.{key}")
+    elif isinstance(want, (list, tuple)):
+        assert len(got) == len(want), where
+        for i, (g, w) in enumerate(zip(got, want)):
+            _assert_close(g, w, f"{where}[{i}]")
+    elif isinstance(want, (int, float)) and not isinstance(want, bool):
+        assert got == pytest.approx(want, rel=1e-6, abs=1e-9, nan_ok=True), where
+    else:
+        assert got == want, where
 
 
 def test_resume_refuses_what_it_cannot_continue(tmp_path):
