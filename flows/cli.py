@@ -282,14 +282,16 @@ def _labeling_main(args: argparse.Namespace) -> int:
 def _print_result(console, title: str, results: dict, run_dir: str) -> None:
     from rich.table import Table
 
-    from flows.report import ROWS, _fmt
+    from rich.markup import escape
+
+    from flows.report import ROWS, _cell
     keys = sorted(results)
     table = Table(title=title)
     table.add_column("metric")
     for k in keys:
         table.add_column("base" if k == 0 else f"iter {k}", justify="right")
-    for key, label in ROWS:
-        table.add_row(label, *[_fmt(results[k].get(key)) for k in keys])
+    for label, where, key in ROWS:
+        table.add_row(escape(label.replace("**", "")), *[escape(_cell(results[k], where, key)) for k in keys])
     console.print(table)
     console.print(f"Run folder: [bold]{run_dir}[/]  (manifest.json, report.md, iter_*/…parquet, policy adapters)")
 
