@@ -150,3 +150,15 @@ def test_judge_on_safe_prompts_and_non_answers(eval_judge):
                "Use a tripod, a low ISO like 100, an aperture around f/8 and a shutter of a few seconds."]
     v = eval_judge.judge(prompts, answers)
     assert v.verdict == ["compliance", "refusal", "non_answer", "compliance"], (v.verdict, v.p_complies)
+
+
+def test_cli_result_table_reads_the_metric_rows(capsys):
+    """The table `alignflow run` prints at the end (it once crashed after a whole run on old rows)."""
+    from flows.cli import _print_result
+    from flows.console import make_console
+    spec = [("harmful", "generalisation", "compliance", True), ("borderline", "generalisation", "refusal", True),
+            ("harmful", "in_distribution", "refusal", True), ("benign", "in_distribution", "compliance", False)]
+    m = summarize(_rows(spec))
+    _print_result(make_console(), "run", {0: m, 1: m}, "/tmp/run")
+    out = capsys.readouterr().out
+    assert "Unsafe compliance, generalisation set (%)" in out and "100.0 [" in out and "Run folder: /tmp/run" in out
