@@ -29,7 +29,7 @@ environment:
 
 def _prepare_env() -> None:
     # Offline machines: never reach a model hub. Prefect's ephemeral API needs 8–15 s to start on
-    # 2 cores against a 20 s default timeout (STACK.md): give it room.
+    # 2 cores against a 20 s default timeout: give it room.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
@@ -298,7 +298,7 @@ def _print_result(console, title: str, results: dict, run_dir: str) -> None:
 
 def _resume_main(console, args: argparse.Namespace) -> int:
     import torch
-    torch.set_num_threads(1)  # the driver only coordinates; actors own the cores (STACK.md)
+    torch.set_num_threads(1)  # the driver only coordinates; actors own the cores
     from flows.pipeline import rlhf_pipeline
     from flows.resume import ResumeError, load_run
     try:
@@ -368,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "retrain":
         return _retrain_main(console, args)
     import torch
-    torch.set_num_threads(1)  # the driver only coordinates; actors own the cores (STACK.md)
+    torch.set_num_threads(1)  # the driver only coordinates; actors own the cores
     from flows.human_feedback import HumanFeedbackError
     from flows.pipeline import eval_flow, prepare_run, rlhf_pipeline
     from rlhf_core.schemas import SchemaError

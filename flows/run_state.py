@@ -1,14 +1,12 @@
 """Run folder, manifest and the live objects a flow run's tasks share.
 
 Prefect tasks pass run ids and paths; the live actor handles stay here, looked up by run id,
-so Prefect never tries to hash or serialise them (ARCHITECTURE.md).
+so Prefect never tries to hash or serialise them.
 """
 from __future__ import annotations
 
 import functools
 import json
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +16,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows import timeline
 from rlhf_core.config import AlignflowConfig
+from rlhf_core.io import atomic_write_text
 
 # Every stage is a Prefect task with these options. Live actor handles are never task inputs
 # (Prefect would hash them): tasks take the run id and look the run up in RUNS.
@@ -41,18 +40,6 @@ def stage(fn=None, **options):
                 RUNS[run_id].time_stage(fn.__name__, k, t0, time.time())
 
     return task(**STAGE, **options)(timed)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 @dataclass

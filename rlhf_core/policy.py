@@ -1,6 +1,6 @@
 """The policy: a causal LM with a LoRA adapter and a value head on its trunk.
 
-One copy of the base weights serves three roles (ARCHITECTURE.md, "Memory on one machine"):
+One copy of the base weights serves three roles:
 - policy  π_θ      = base + LoRA adapter
 - reference π_ref  = the same model with the adapter disabled (no second copy)
 - critic  V_φ      = a linear value head on the policy's last hidden state

@@ -1,7 +1,7 @@
 import os
 
 # Before anything imports transformers/prefect: offline, and room for Prefect's ephemeral API to
-# start on two busy cores (STACK.md: 8–15 s against a 20 s default).
+# start on two busy cores (8–15 s measured here, against a 20 s default).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
@@ -25,7 +25,7 @@ def ray_local():
     """One local Ray for the whole session (starting it costs 3–5 s)."""
     import ray
     if not ray.is_initialized():
-        # address="local": never join a stale cluster left by a killed test (STACK.md).
+        # address="local": never join a stale cluster left by a killed test.
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
     yield ray

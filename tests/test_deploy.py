@@ -427,7 +427,7 @@ def test_live_prefect_server_runs_weekly_retrain_deployment(tmp_path):
             server = subprocess.Popen([_prefect_exe(), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                                       cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
                                       start_new_session=True)
-        deadline = time.monotonic() + 120          # ~13 s on an idle 2-core machine (STACK.md)
+        deadline = time.monotonic() + 120          # ~13 s on an idle 2-core machine
         while True:
             assert server.poll() is None, f"prefect server exited:\n{_tail(server_log)}"
             try:

@@ -1,4 +1,4 @@
-"""rlhf_core is pure: importing every module of it loads neither Ray nor Prefect (STYLE.md, rule 1)."""
+"""rlhf_core is pure: importing every module of it loads neither Ray nor Prefect (rule 1)."""
 import subprocess
 import sys
 from pathlib import Path

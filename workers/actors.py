@@ -14,7 +14,7 @@ import torch
 
 def _setup_threads(n: int) -> None:
     # Ray sets OMP_NUM_THREADS=num_cpus (often fractional → 1) inside actors; stages here run one
-    # after another, so each actor may use every core while it is the busy one (STACK.md).
+    # after another, so each actor may use every core while it is the busy one.
     torch.set_num_threads(n)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -87,7 +87,7 @@ class DataParallelRank:
         import torch.distributed as dist
 
         from rlhf_core.optim import GradSync
-        if loopback:            # all ranks on this machine: keep the traffic off the network (STACK.md)
+        if loopback:            # all ranks on this machine: keep the traffic off the network
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
         dist.init_process_group("nccl" if self.device.startswith("cuda") else "gloo", init_method=address,
                                 rank=rank, world_size=world)

@@ -56,7 +56,7 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> dict:
         # ARE the computation, so they run at the driver's priority (bench/rollout_throughput.py:
         # 114 → 117 tokens/s against 119 for plain `generate`, docs/benchmarks.md).
         os.environ.setdefault("RAY_worker_niceness", "0")
-        # address="local": never join a stale cluster file left by a killed test (STACK.md).
+        # address="local": never join a stale cluster file left by a killed test.
         ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
                  runtime_env=env, log_to_driver=True)
     return ray.cluster_resources()

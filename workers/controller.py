@@ -1,4 +1,4 @@
-"""The single controller that owns the long-lived Ray actors of a run (ARCHITECTURE.md).
+"""The single controller that owns the long-lived Ray actors of a run.
 
 Prefect tasks call one `RLHFWorkers` object; it fans work out to the rollout and feedback pools,
 drives the PPO inner loop (generate → score → update → sync adapter), and applies a timeout to
@@ -360,7 +360,7 @@ class RLHFWorkers:
         n_prompts = p.rollout_batch_size // k
         for step in range(first, p.steps):
             # Balanced batches: equal harmful and benign/borderline prompts, so that refusing
-            # everything cannot raise the mean reward (ARCHITECTURE.md, the sparse-reward trap).
+            # everything cannot raise the mean reward (the sparse-reward trap).
             half = n_prompts // 2
             batch_rows = [harmful[i] for i in rng.choice(len(harmful), half, replace=len(harmful) < half)]
             rest = n_prompts - half

@@ -2,7 +2,7 @@
 
 What it is. The same actor interface as the HF rollout worker (`generate`, `load_adapter`,
 `version`), with decoding done by a vLLM engine on a CUDA GPU. Weight sync stays LoRA-sized on the
-wire (ARCHITECTURE.md, "Weight sync"): the trainer sends the adapter stack
+wire ("Weight sync"): the trainer sends the adapter stack
 {"merged": [...], "current": {...}}; this actor folds it into full weights on a CPU copy of the HF
 policy (W + ΔW for every adapted layer, merged adapters first, in order) and writes those layers
 into the engine in place. Only the adapted layers move; embeddings and norms never change.
