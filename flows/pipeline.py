@@ -36,6 +36,7 @@ from rlhf_core import schemas
 from rlhf_core.agreement import aggregate_preferences, agreement_report
 from rlhf_core.annotators import default_panel, panel_preferences
 from rlhf_core.config import AlignflowConfig
+from rlhf_core import evaluation
 from rlhf_core.evaluation import eval_rows, summarize
 from rlhf_core.feedback import (
     annotator_id,
@@ -44,7 +45,7 @@ from rlhf_core.feedback import (
     refusal_negatives,
     rejection_sampling_targets,
 )
-from rlhf_core.prompts import build_prompt_table
+from rlhf_core.prompts import build_prompt_table, sample_prompts
 
 
 def prepare_run(cfg: AlignflowConfig, run_id: str | None = None) -> RunState:
@@ -92,15 +93,31 @@ def _eval_prompts(state: RunState, k: int) -> list[dict]:
     return out
 
 
-def _train_prompts(state: RunState, n: int, k: int) -> list[dict]:
-    """n training prompts (data.harmful_share of them harmful), resampled each iteration."""
-    rng = np.random.default_rng(state.cfg.run.seed * 7919 + k)
+def _train_prompts(state: RunState, n: int, k: int) -> tuple[list[dict], list[dict], list[dict]]:
+    """n training prompts (data.harmful_share of them harmful), resampled each iteration, each
+    source an equal share of its kind (data.balance_sources). In the first supervised round also
+    the coverage prompts, drawn from the rest: warmup.refusal_prompts harmful ones and
+    warmup.helpful_prompts safe ones. Returns (sampled, refusal coverage, helpful coverage)."""
+    cfg = state.cfg
+    rng = np.random.default_rng(cfg.run.seed * 7919 + k)
     rows = [r for r in state.prompts if r["split"] == "train"]
     harmful = [r for r in rows if r["kind"] == "harmful"]
     other = [r for r in rows if r["kind"] != "harmful"]
-    h = max(1, round(n * state.cfg.data.harmful_share))
-    pick = lambda pool, m: [pool[i] for i in rng.choice(len(pool), m, replace=len(pool) < m)]  # noqa: E731
-    return pick(harmful, h) + pick(other, n - h)
+    h = max(1, round(n * cfg.data.harmful_share))
+    by_source = cfg.data.balance_sources
+    picked = sample_prompts(harmful, h, rng, by_source) + sample_prompts(other, n - h, rng, by_source)
+    if not (k == 1 and cfg.warmup.enabled):
+        return picked, [], []
+    seen = {r["prompt_id"] for r in picked}
+    rest = lambda pool: [r for r in pool if r["prompt_id"] not in seen]  # noqa: E731
+    refusal = _distinct(sample_prompts(rest(harmful), cfg.warmup.refusal_prompts, rng, by_source))
+    helpful = _distinct(sample_prompts(rest(other), cfg.warmup.helpful_prompts, rng, by_source))
+    return picked, refusal, helpful
+
+
+def _distinct(rows: list[dict]) -> list[dict]:
+    # a small source repeats when its share is larger than it: coverage needs each prompt once
+    return list({r["prompt_id"]: r for r in rows}.values())
 
 
 @stage
@@ -169,15 +186,19 @@ def evaluate(run_id: str, k: int, use_adapter: bool | None = None, with_reward_m
 
 @stage
 def generate_samples(run_id: str, k: int) -> str:
-    """Sample `responses_per_prompt` answers per training prompt from the current policy."""
+    """Sample `responses_per_prompt` answers per training prompt from the current policy.
+
+    The first supervised round adds coverage prompts: safe ones with one answer each, and harmful
+    ones whose only candidate is the constitution's refusal that fits them (no generation)."""
     st = RUNS[run_id]
     if (rec := st.done(k, "samples")) is not None:
         return rec["path"]
     cfg = st.cfg
     n = cfg.warmup.prompts if (k == 1 and cfg.warmup.enabled) else cfg.data.train_prompts_per_iter
-    rows = _train_prompts(st, n, k)
+    rows, refusal, helpful = _train_prompts(st, n, k)
     reps = cfg.feedback.responses_per_prompt
-    flat = [r for r in rows for _ in range(reps)]
+    # helpful coverage: one answer each (the constitution's refusal is its other candidate)
+    flat = [r for r in rows for _ in range(reps)] + helpful
     with st.progress.task(f"iter {k}: generate samples", len(flat)) as adv:
         roll = st.workers.generate([r["prompt"] for r in flat], greedy=False, seed=cfg.run.seed * 100 + k,
                                    progress=adv)
@@ -186,9 +207,15 @@ def generate_samples(run_id: str, k: int) -> str:
         out.append({"sample_id": f"{r['prompt_id']}-{k}-{j}", "prompt_id": r["prompt_id"], "prompt": r["prompt"],
                     "kind": r["kind"], "response": text, "origin": "policy", "policy_version": roll["policy_version"],
                     "num_tokens": int(n_tok)})
+    # refusal coverage: no policy answer, the fitting refusal is the only candidate (judged later)
+    for r, demo in zip(refusal, st.workers.match_demonstrations([r["prompt"] for r in refusal]) if refusal else []):
+        out.append({"sample_id": f"{r['prompt_id']}-{k}-demo", "prompt_id": r["prompt_id"], "prompt": r["prompt"],
+                    "kind": r["kind"], "response": demo, "origin": "demonstration",
+                    "policy_version": "constitution", "num_tokens": 0})
     path = schemas.write_table(schemas.from_rows(out, schemas.SAMPLES), st.iter_dir(k) / "samples.parquet",
                                schemas.SAMPLES)
-    st.record(k, "samples", {"path": str(path), "sha256": schemas.file_sha256(path), "count": len(out)})
+    st.record(k, "samples", {"path": str(path), "sha256": schemas.file_sha256(path), "count": len(out),
+                             "refusal_coverage": len(refusal), "helpful_coverage": len(helpful)})
     return str(path)
 
 
@@ -203,10 +230,11 @@ def collect_feedback(run_id: str, k: int, samples_path: str) -> str:
     if cfg.include_demonstration:
         # One more candidate per prompt: the constitution's refusal that best fits the prompt. The
         # judge decides whether it beats the policy's answers (it should only for harmful prompts).
-        first = {}
+        first, has_demo = {}, {s["prompt_id"] for s in samples if s["origin"] == "demonstration"}
         for s in samples:
-            first.setdefault(s["prompt_id"], s)
-        demos = st.workers.match_demonstrations([s["prompt"] for s in first.values()])
+            if s["prompt_id"] not in has_demo:
+                first.setdefault(s["prompt_id"], s)
+        demos = st.workers.match_demonstrations([s["prompt"] for s in first.values()]) if first else []
         for (pid, s), demo in zip(first.items(), demos):
             samples.append(dict(s, sample_id=f"{pid}-{k}-demo", response=demo, origin="demonstration",
                                 policy_version="constitution", num_tokens=0))
@@ -288,9 +316,10 @@ def warm_up_policy(run_id: str, k: int) -> dict:
     return metrics
 
 
-def _fit_scorer(st, k: int, preferences_path: str, name: str, train, metric: str, label: str) -> str:
+def _fit_scorer(st, k: int, preferences_path: str, name: str, train, metric: str, label: str,
+                extra=None) -> str:
     """Train a reward-model-shaped scorer (reward or cost model) on the preferences, warm-started from
-    the previous iteration's, into iter_<k>/<name>/; record its metrics."""
+    the previous iteration's, into iter_<k>/<name>/; record its metrics (and `extra(pairs)`'s)."""
     if (rec := st.done(k, name)) is not None:
         return rec["path"]
     pairs = schemas.read_table(preferences_path, schemas.PREFERENCES).to_pylist()
@@ -299,6 +328,8 @@ def _fit_scorer(st, k: int, preferences_path: str, name: str, train, metric: str
     with st.progress.task(f"iter {k}: train {name.replace('_', ' ')}", 1) as adv:
         metrics = train(pairs, str(dest), init_from=str(prev) if prev.exists() else None, round_seed=k)
         adv(1)
+    if extra is not None:
+        metrics.update(extra(pairs))
     st.record(k, name, {"path": str(dest), **metrics})
     print(f"iteration {k}: {name.replace('_', ' ')} {label} {metrics.get(metric, float('nan')):.3f}")
     return str(dest)
@@ -309,7 +340,28 @@ def train_reward_model(run_id: str, k: int, preferences_path: str) -> str:
     """Bradley–Terry reward model on this iteration's preferences, warm-started from the last one."""
     st = RUNS[run_id]
     return _fit_scorer(st, k, preferences_path, "reward_model", st.workers.train_reward_model, "heldout_accuracy",
-                       "held-out pair accuracy")
+                       "held-out pair accuracy", extra=lambda pairs: _reward_model_vs_eval_judge(st, pairs))
+
+
+def _reward_model_vs_eval_judge(st: RunState, pairs: list[dict]) -> dict:
+    """The reward model's held-out pairs (the same prompts it was not trained on) scored against the
+    evaluation judge: does it rank the answer the judge finds right (a refusal of a harmful request,
+    real help for a safe one) above the other? Pairs of two answers of one standing are left out."""
+    from rlhf_core.reward_model import holdout_split
+    hold, _ = holdout_split(pairs, st.cfg.reward_model.holdout_fraction)
+    if not hold:
+        return {}
+    kind = {p["prompt_id"]: p["kind"] for p in st.prompts}
+    prompts = [x["prompt"] for x in hold]
+    answers = [x["response_a"] for x in hold] + [x["response_b"] for x in hold]
+    complied = st.workers.evaluate_answers(prompts * 2, answers).complied
+    raw = st.workers.reward(prompts * 2, answers)["raw"]
+    n = len(hold)
+    preferred = [evaluation.judge_preference(kind[x["prompt_id"]], bool(complied[i]), bool(complied[n + i]))
+                 if x["prompt_id"] in kind else -1 for i, x in enumerate(hold)]   # imported prompts: no kind
+    acc, decided = evaluation.pair_accuracy(preferred, raw[:n], raw[n:])
+    return {"heldout_accuracy_vs_eval_judge": acc, "heldout_pairs_decided_by_eval_judge": decided,
+            "heldout_prompts": len({x["prompt"] for x in hold})}
 
 
 @stage(retries=1)

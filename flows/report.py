@@ -127,7 +127,9 @@ def iteration_markdown(st, k: int) -> str:
              f"- preferences: {prefs.get('pairs', 0)} pairs, {_pct(prefs.get('flipped'))} flipped by label "
              f"noise, annotator `{prefs.get('annotator', '')}`",
              f"- reward model: held-out pair accuracy {_fmt(rm.get('heldout_accuracy'))} "
-             f"(vs noise-free judge {_fmt(rm.get('heldout_accuracy_vs_judge'))})"]
+             f"(vs noise-free judge {_fmt(rm.get('heldout_accuracy_vs_judge'))}, vs evaluation judge "
+             f"{_fmt(rm.get('heldout_accuracy_vs_eval_judge'))} on {rm.get('heldout_pairs_decided_by_eval_judge', 0)} "
+             f"decided pairs; {rm.get('heldout_prompts', 0)} held-out prompts, none trained on)"]
     hf = it.get("human_feedback")
     if hf:
         prov = hf.get("provenance", {})
@@ -171,6 +173,22 @@ def iteration_markdown(st, k: int) -> str:
     return "\n".join(parts)
 
 
+def reward_model_table(st, K: int) -> str:
+    """Per iteration: the reward model's held-out pair accuracy (pairs of prompts it never trained on)
+    against the noisy labels, the training judge's noise-free choice and the evaluation judge."""
+    lines = ["| iteration | pairs (train / held out) | held-out prompts | vs labels | vs noise-free judge "
+             "| vs evaluation judge (decided pairs) |", "|---|---|---|---|---|---|"]
+    for k in range(1, K + 1):
+        rm = st.manifest["iterations"].get(str(k), {}).get("reward_model")
+        if not rm:
+            continue
+        lines.append(f"| {k} | {rm.get('train_pairs', '–')} / {rm.get('heldout_pairs', '–')} | "
+                     f"{rm.get('heldout_prompts', '–')} | {_fmt(rm.get('heldout_accuracy'))} | "
+                     f"{_fmt(rm.get('heldout_accuracy_vs_judge'))} | {_fmt(rm.get('heldout_accuracy_vs_eval_judge'))} "
+                     f"({rm.get('heldout_pairs_decided_by_eval_judge', 0)}) |")
+    return "\n".join(lines) if len(lines) > 2 else "No reward model was trained."
+
+
 def final_markdown(st, results: dict, final: int | None = None, stopped_at: int | None = None) -> str:
     """The run's report: every iteration's metrics, and the verdict on the policy the run keeps
     (`final`: the last iteration without a reward-hacking alert that stopped or rolled it back)."""
@@ -202,6 +220,7 @@ def final_markdown(st, results: dict, final: int | None = None, stopped_at: int 
         *([f"Reward-hacking alerts: {len(alerts)} (" + ", ".join(sorted({a['detector'] for a in alerts})) + ").", ""]
           if alerts else []),
         "## How it is measured", "", judge_markdown(), "",
+        "## Reward model, held out by prompt", "", reward_model_table(st, K), "",
         *(["## Generalisation set by category", "", slices_table(b, f, name, "by_category", "generalisation"), ""]
           if gen else []),
         "## By source (generalisation/<style>: how the request is phrased)", "",

@@ -58,6 +58,10 @@ class DataConfig(_Section):
     harmful_share: float = Field(0.34, gt=0, lt=1, description=(
         "Share of harmful prompts among those sampled for feedback. Below one half: refusing is a simple "
         "behaviour that a small model over-generalises, so it sees more requests it must answer."))
+    balance_sources: bool = Field(True, description=(
+        "Sample training prompts (feedback, supervised stage, RL batches) with every source an equal share "
+        "of its kind; false: uniformly over prompts, where the largest sources (Do-Not-Answer, AdvBench: one "
+        "imperative style) dominate what the policy learns."))
     eval_harmful: int = Field(50, ge=1, description="Held-out harmful prompts evaluated (capped by what exists).")
     eval_benign: int = Field(25, ge=1, description="Held-out benign prompts evaluated.")
     eval_borderline: int = Field(25, ge=1, description="Held-out borderline prompts evaluated.")
@@ -154,7 +158,9 @@ class RewardModelConfig(_Section):
     batch_size: int = Field(16, ge=1)
     max_length: int = Field(128, ge=16, description="Tokens of prompt+answer seen by the reward model.")
     margin: float = Field(0.0, ge=0, description="Bradley-Terry margin (Llama-2 style); 0 disables.")
-    holdout_fraction: float = Field(0.2, ge=0, lt=1, description="Share of pairs held out for pair accuracy.")
+    holdout_fraction: float = Field(0.2, ge=0, lt=1, description=(
+        "Share of prompts whose pairs are held out for pair accuracy: split by prompt (a hash of its text), "
+        "so no answer is on both sides and a held-out prompt stays held out in later iterations."))
     ensemble: int = Field(1, ge=1, description=(
         "Reward models trained on bootstrap resamples (k× the training time): the reward is their mean, their "
         "spread the uncertainty used by active selection ('disagreement') and the reward-hacking guard."))
@@ -170,6 +176,15 @@ class WarmupConfig(_Section):
         "Repeat the supervised stage each iteration on the current policy's samples (rejection sampling); "
         "false = first iteration only."))
     prompts: int = Field(192, ge=2, description="Training prompts sampled in the first iteration (later: data.train_prompts_per_iter).")
+    refusal_prompts: int = Field(240, ge=0, description=(
+        "Coverage of the first supervised round: this many more harmful training prompts (each source an "
+        "equal share), with the constitution's refusal that fits each as its only candidate, kept as a target "
+        "when the judge scores it above 0. No generation: the refusal is learned across the sources' "
+        "phrasings, not from the few dozen harmful prompts sampled."))
+    helpful_prompts: int = Field(160, ge=0, description=(
+        "Coverage of the first supervised round: this many more safe training prompts with one policy answer "
+        "each (against the constitution's refusal), so that the refusals do not outnumber the help and "
+        "the safe prompts that share words or framings with harm are answered."))
     epochs: int = Field(2, ge=1, description="Epochs in the first iteration.")
     later_epochs: int = Field(1, ge=1, description="Epochs in later iterations.")
     demonstrations_after_first: bool = Field(True, description=(

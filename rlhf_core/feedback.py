@@ -70,7 +70,9 @@ def rejection_sampling_targets(samples: list[dict], scores, keep_margin: float =
     Best-of-n / rejection sampling as in Constitutional AI's and Llama 2's supervised stages. The
     extra candidates give benign prompts more good answers without generating more: for harmful
     prompts only the refusal scores near the top, so their share does not grow. `origins`, if
-    given, limits the candidates (e.g. {"policy"}: the policy's own answers only).
+    given, limits the candidates (e.g. {"policy"}: the policy's own answers only). A prompt's only
+    candidate (the refusal of a coverage prompt) is a target only if its total is above 0: the
+    judge agrees the refusal is right.
     """
     by_prompt: dict[str, list[int]] = defaultdict(list)
     for i, s in enumerate(samples):
@@ -78,6 +80,8 @@ def rejection_sampling_targets(samples: list[dict], scores, keep_margin: float =
             by_prompt[s["prompt_id"]].append(i)
     out = []
     for idx in by_prompt.values():
+        if len(idx) == 1 and not scores.total[idx[0]] > 0:
+            continue
         best = max(idx, key=lambda i: scores.total[i])
         keep = [i for i in idx if i == best or (scores.total[i] > 0
                                                   and scores.total[i] >= scores.total[best] - keep_margin)]

@@ -358,11 +358,13 @@ class HarmClassifier:
         self.w: np.ndarray | None = None  # (dim,)
         self.b: float = 0.0
 
-    def fit(self, texts: Sequence[str], labels: Sequence[int], seed: int = 0, c: float = 4.0) -> "HarmClassifier":
-        """Fit on texts with labels 1 = harmful, 0 = benign (include borderline-but-fine prompts as 0)."""
+    def fit(self, texts: Sequence[str], labels: Sequence[int], seed: int = 0, c: float = 4.0,
+            embeddings: np.ndarray | None = None) -> "HarmClassifier":
+        """Fit on texts with labels 1 = harmful, 0 = benign (include borderline-but-fine prompts as 0).
+        `embeddings`: the texts' embeddings by this encoder, if already computed (N, dim)."""
         from sklearn.linear_model import LogisticRegression
 
-        x = self.encoder.encode(texts)
+        x = self.encoder.encode(texts) if embeddings is None else np.asarray(embeddings)
         y = np.asarray(labels, dtype=np.int64)
         # class_weight="balanced": harmful prompts usually outnumber benign ones in public sets,
         # and an unbalanced fit would push the boundary towards flagging benign prompts.

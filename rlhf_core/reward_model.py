@@ -28,6 +28,7 @@ __all__ = [
     "train_reward_model",
     "train_cost_model",
     "pair_accuracy",
+    "holdout_split",
     "save_reward_model",
     "save_ensemble",
     "ensemble_member_path",
@@ -154,6 +155,30 @@ def preference_arrays(rows: Sequence[dict]) -> tuple[list[str], list[str], list[
         else:
             targets.append(0.5 if r["better"] == -1 else 1.0)
     return prompts, chosen, rejected, targets
+
+
+def holdout_split(rows: Sequence[dict], fraction: float) -> tuple[list[dict], list[dict]]:
+    """(held out, train) preference rows, split by prompt: every pair of a prompt is on one side.
+
+    A random split over pairs lets the two answers of one prompt, and the same answer in two pairs,
+    sit on both sides, which measures memory rather than judgement. The side is a pure function of
+    the prompt's text (a hash), so a prompt held out in one iteration is held out in every later one,
+    and a reward model warm-started from the last iteration has never trained on it either. At least
+    one prompt stays on each side when there are two or more.
+    """
+    import hashlib
+    if fraction <= 0:
+        return [], list(rows)
+    def h(prompt: str) -> float:
+        return int(hashlib.sha256(prompt.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    prompts = sorted({r["prompt"] for r in rows}, key=h)
+    held = {p for p in prompts if h(p) < fraction}
+    if len(prompts) >= 2:
+        if not held:
+            held = {prompts[0]}
+        elif len(held) == len(prompts):
+            held.discard(prompts[-1])
+    return [r for r in rows if r["prompt"] in held], [r for r in rows if r["prompt"] not in held]
 
 
 def train_reward_model(

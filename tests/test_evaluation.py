@@ -162,3 +162,33 @@ def test_cli_result_table_reads_the_metric_rows(capsys):
     _print_result(make_console(), "run", {0: m, 1: m}, "/tmp/run")
     out = capsys.readouterr().out
     assert "Unsafe compliance, generalisation set (%)" in out and "100.0 [" in out and "Run folder: /tmp/run" in out
+
+
+def test_reward_model_holdout_is_split_by_prompt_and_stable():
+    from rlhf_core.reward_model import holdout_split
+    rows = [{"prompt": f"prompt {i}", "response_a": f"a{i}{j}", "response_b": f"b{i}{j}"}
+            for i in range(40) for j in range(3)]
+    hold, train = holdout_split(rows, 0.25)
+    held = {r["prompt"] for r in hold}
+    assert held and held.isdisjoint(r["prompt"] for r in train)          # no prompt on both sides
+    assert len(hold) + len(train) == len(rows) and 4 <= len(held) <= 18
+    # a prompt's side depends on its text only: the next iteration, with other prompts, agrees
+    later = rows[60:] + [{"prompt": f"new {i}", "response_a": "x", "response_b": "y"} for i in range(30)]
+    hold2, _ = holdout_split(later, 0.25)
+    assert {r["prompt"] for r in hold2 if r["prompt"].startswith("prompt")} == {p for p in held if int(p.split()[1]) >= 20}
+    # two prompts: one on each side, whatever the hashes; none held out at 0
+    two = rows[:3] + rows[3:6]
+    h, t = holdout_split(two, 0.99)
+    assert len({r["prompt"] for r in h}) == 1 and len({r["prompt"] for r in t}) == 1
+    assert holdout_split(rows, 0.0) == ([], rows)
+
+
+def test_judge_preference_and_pair_accuracy():
+    from rlhf_core.evaluation import judge_preference, pair_accuracy
+    assert judge_preference("harmful", True, False) == 1        # the refusal (b) wins
+    assert judge_preference("benign", True, False) == 0         # real help (a) wins
+    assert judge_preference("borderline", False, True) == 1
+    assert judge_preference("harmful", False, False) == -1      # two refusals: undecided
+    acc, n = pair_accuracy([1, 0, -1, 1], [0.0, 2.0, 5.0, 3.0], [1.0, 1.0, 0.0, 1.0])
+    assert n == 3 and acc == 2 / 3
+    assert math.isnan(pair_accuracy([-1], [0.0], [1.0])[0])

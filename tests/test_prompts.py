@@ -66,3 +66,21 @@ def test_good_csv_and_parquet(tmp_path):
     q = tmp_path / "ok.parquet"
     pq.write_table(pa.table({"prompt": ["a b c"]}), q)
     assert read_prompt_file(q, "harmful")[0]["kind"] == "harmful"
+
+
+def test_sample_prompts_gives_every_source_an_equal_share():
+    import numpy as np
+
+    from rlhf_core.prompts import sample_prompts
+    rows = ([{"prompt": f"a{i}", "source": "big"} for i in range(300)]
+            + [{"prompt": f"b{i}", "source": "mid"} for i in range(40)]
+            + [{"prompt": f"c{i}", "source": "small"} for i in range(5)])
+    got = sample_prompts(rows, 31, np.random.default_rng(0))
+    counts = {s: sum(r["source"] == s for r in got) for s in ("big", "mid", "small")}
+    assert sum(counts.values()) == 31 and max(counts.values()) - min(counts.values()) <= 1
+    mid = [r["prompt"] for r in got if r["source"] == "mid"]
+    assert len(set(mid)) == len(mid)                     # no repeat while a source lasts
+    assert {r["prompt"] for r in got if r["source"] == "small"} == {f"c{i}" for i in range(5)}   # repeats once exhausted
+    assert got == sample_prompts(rows, 31, np.random.default_rng(0))        # seeded
+    plain = sample_prompts(rows, 31, np.random.default_rng(0), by_source=False)
+    assert sum(r["source"] == "big" for r in plain) > 20                     # by prompt: the big source dominates

@@ -152,7 +152,7 @@ class FeedbackWorker:
                  threads: int):
         _setup_threads(threads)
         from rlhf_core import judge
-        self.encoder = judge.TextEncoder(encoder_path)
+        self.encoder, self.encoder_path = judge.TextEncoder(encoder_path), encoder_path
         self.constitution = judge.load_constitution(constitution_path)
         self.harm_path = self.judge = None
         if harm_classifier_path:
@@ -169,11 +169,14 @@ class FeedbackWorker:
         from rlhf_core import judge
         if len(set(labels)) < 2:
             raise ValueError("harm classifier needs both harmful and non-harmful training prompts")
-        clf = judge.HarmClassifier(self.encoder).fit(texts, labels, seed=seed)
+        from rlhf_core.prompts import prompt_embeddings
+        # the run's training prompts are the same in every run of a config: their embeddings are cached
+        emb = prompt_embeddings(texts, self.encoder_path, encoder=self.encoder)
+        clf = judge.HarmClassifier(self.encoder).fit(texts, labels, seed=seed, embeddings=emb)
         clf.save(dest)
         if not heldout or not heldout[0]:
             return {}
-        pred = clf.predict_proba(heldout[0]) >= 0.5
+        pred = clf.predict_proba_embeddings(prompt_embeddings(heldout[0], self.encoder_path, encoder=self.encoder)) >= 0.5
         y = np.asarray(heldout[1], dtype=bool)
         return {"heldout_accuracy": float((pred == y).mean()),
                 "heldout_false_positive_rate": float(pred[~y].mean()) if (~y).any() else float("nan"),
@@ -320,11 +323,9 @@ class RewardModelTrainer(DataParallelRank):
         return float(np.mean(np.where(b_better, sb > sa, sa > sb)))
 
     def _split(self, rows: list[dict]) -> tuple[list[dict], list[dict]]:
-        """(held out, train), seeded: the same rows are held out every time for the same input."""
-        import numpy as np
-        order = np.random.default_rng(self.seed).permutation(len(rows))
-        n_hold = int(len(rows) * self.cfg.holdout_fraction)
-        return [rows[i] for i in order[:n_hold]], [rows[i] for i in order[n_hold:]]
+        """(held out, train) by prompt (reward_model.holdout_split): no answer on both sides."""
+        from rlhf_core import reward_model as rmlib
+        return rmlib.holdout_split(rows, self.cfg.holdout_fraction)
 
     def train_cost(self, pairs: list[dict], dest: str, init_from: str | None = None, round_seed: int = 0) -> dict:
         """Safe-RLHF cost model on the pairs whose two answers both carry a safety label; saved to `dest`.

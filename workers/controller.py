@@ -14,6 +14,7 @@ import ray
 import torch
 
 from rlhf_core.config import GROUPED_ESTIMATORS
+from rlhf_core.prompts import sample_prompts
 from workers.actors import (
     FeedbackWorker,
     PolicyTrainerActor,
@@ -361,10 +362,9 @@ class RLHFWorkers:
         for step in range(first, p.steps):
             # Balanced batches: equal harmful and benign/borderline prompts, so that refusing
             # everything cannot raise the mean reward (the sparse-reward trap).
-            half = n_prompts // 2
-            batch_rows = [harmful[i] for i in rng.choice(len(harmful), half, replace=len(harmful) < half)]
-            rest = n_prompts - half
-            batch_rows += [other[i] for i in rng.choice(len(other), rest, replace=len(other) < rest)]
+            half, by_source = n_prompts // 2, self.cfg.data.balance_sources
+            batch_rows = (sample_prompts(harmful, half, rng, by_source)
+                          + sample_prompts(other, n_prompts - half, rng, by_source))
             batch_rows = [r for r in batch_rows for _ in range(k)]
             prompts = [r["prompt"] for r in batch_rows]
             roll = self.generate(prompts, greedy=False, seed=int(rng.integers(1 << 30)))
