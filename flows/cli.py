@@ -73,10 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(rt)
 
     ev = sub.add_parser("eval", help="evaluate a model (and optional LoRA adapter) on the held-out sets",
-                        description="Greedy answers on held-out harmful, benign and borderline prompts: "
-                                    "unsafe-compliance and over-refusal rates, judge score.")
+                        description="Greedy answers on the generalisation set and the held-out split of the "
+                                    "training sources, read by the evaluation judge: unsafe compliance, "
+                                    "over-refusal and degenerate answers, with Wilson 95 % intervals.")
     ev.add_argument("--model", help="HF causal LM folder or cached hub id (default: policy.model)")
-    ev.add_argument("--adapter", help="a policy_adapter folder written by `alignflow run`")
+    ev.add_argument("--adapter", help="a policy_adapter (or warmup_policy) folder written by `alignflow run`")
     _add_config_args(ev)
 
     dpo = sub.add_parser("dpo", help="offline DPO / IPO / cDPO of the policy from a preference file",

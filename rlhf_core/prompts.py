@@ -243,7 +243,7 @@ def sample_prompts(rows: list[dict], m: int, rng, by_source: bool = True) -> lis
         return [rows[i] for i in rng.choice(len(rows), m, replace=len(rows) < m)]
     groups: dict[str, list[dict]] = {}
     for r in rows:
-        groups.setdefault(r["source"], []).append(r)
+        groups.setdefault(r.get("source", ""), []).append(r)          # rows without one: one group
     names = sorted(groups)
     share, extra = divmod(m, len(names))
     bonus = set(int(i) for i in rng.choice(len(names), extra, replace=False)) if extra else set()

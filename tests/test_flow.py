@@ -52,6 +52,15 @@ def test_pipeline_two_iterations(ray_local, tiny_config, tmp_path):
         it = manifest["iterations"][str(k)]
         assert it["eval"]["sha256"] and it["preferences"]["annotator"].startswith("constitution-judge")
         assert "heldout_accuracy" in it["reward_model"]
+        # held out by prompt: no prompt of a held-out pair trained, and the evaluation judge scored them
+        rm = it["reward_model"]
+        assert rm["heldout_prompts"] >= 1 and "heldout_accuracy_vs_eval_judge" in rm
+        samples = pq.read_table(d / "samples.parquet").to_pylist()
+        # the first round's coverage: harmful prompts with only the fitting refusal, safe ones with one answer
+        cover = it["samples"]
+        assert (cover["refusal_coverage"], cover["helpful_coverage"]) == ((4, 2) if k == 1 else (0, 0))
+        lone = [s for s in samples if s["origin"] == "demonstration"]
+        assert len(lone) == cover["refusal_coverage"] and all(s["kind"] == "harmful" for s in lone)
         # people's labels replaced the simulated ones of the pairs they labeled; the reward model
         # trained on the mix (selection by the previous reward model's uncertainty from iteration 2)
         hf = it["human_feedback"]
