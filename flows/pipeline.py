@@ -32,11 +32,10 @@ from flows.human_feedback import check_ready as check_human_feedback_ready
 from flows.human_feedback import collect_human_feedback
 from flows.resume import drop_ppo_checkpoints, ppo_checkpoint, ppo_resume_point, restore_checkpoints
 from flows.run_state import RUNS, RunState, atomic_write_text, new_run_id, stage
-from rlhf_core import schemas
+from rlhf_core import evaluation, schemas
 from rlhf_core.agreement import aggregate_preferences, agreement_report
 from rlhf_core.annotators import default_panel, panel_preferences
 from rlhf_core.config import AlignflowConfig
-from rlhf_core import evaluation
 from rlhf_core.evaluation import eval_rows, summarize
 from rlhf_core.feedback import (
     annotator_id,

@@ -97,7 +97,8 @@ def test_pipeline_two_iterations(ray_local, tiny_config, tmp_path):
     ppo = next(s for s in tl["stages"] if s["stage"] == "update_policy")
     assert ppo["actor_seconds"] > 0.5 * ppo["seconds"] and {"policy", "rollout"} <= set(ppo["by_role"])
     assert tl["process_start"] <= tl["prepared"] <= tl["flow_started"] <= tl["stages"][0]["start"] < tl["flow_finished"]
-    assert "Where the time went" in (run / "report.md").read_text()
+    report_md = (run / "report.md").read_text()
+    assert "Where the time went" in report_md and "## Reward model, held out by prompt" in report_md
 
     # the Prefect API (here the ephemeral one) holds a markdown artifact per iteration + the report
     from prefect.client.orchestration import get_client
