@@ -109,14 +109,10 @@ def _train_prompts(state: RunState, n: int, k: int) -> tuple[list[dict], list[di
         return picked, [], []
     seen = {r["prompt_id"] for r in picked}
     rest = lambda pool: [r for r in pool if r["prompt_id"] not in seen]  # noqa: E731
-    refusal = _distinct(sample_prompts(rest(harmful), cfg.warmup.refusal_prompts, rng, by_source))
-    helpful = _distinct(sample_prompts(rest(other), cfg.warmup.helpful_prompts, rng, by_source))
+    # coverage needs each prompt once: a source smaller than its share gives what it has
+    refusal = sample_prompts(rest(harmful), cfg.warmup.refusal_prompts, rng, by_source, repeat=False)
+    helpful = sample_prompts(rest(other), cfg.warmup.helpful_prompts, rng, by_source, repeat=False)
     return picked, refusal, helpful
-
-
-def _distinct(rows: list[dict]) -> list[dict]:
-    # a small source repeats when its share is larger than it: coverage needs each prompt once
-    return list({r["prompt_id"]: r for r in rows}.values())
 
 
 @stage
@@ -358,7 +354,7 @@ def _reward_model_vs_eval_judge(st: RunState, pairs: list[dict]) -> dict:
     n = len(hold)
     preferred = [evaluation.judge_preference(kind[x["prompt_id"]], bool(complied[i]), bool(complied[n + i]))
                  if x["prompt_id"] in kind else -1 for i, x in enumerate(hold)]   # imported prompts: no kind
-    acc, decided = evaluation.pair_accuracy(preferred, raw[:n], raw[n:])
+    acc, decided = evaluation.preference_accuracy(preferred, raw[:n], raw[n:])
     return {"heldout_accuracy_vs_eval_judge": acc, "heldout_pairs_decided_by_eval_judge": decided,
             "heldout_prompts": len({x["prompt"] for x in hold})}
 

@@ -167,6 +167,12 @@ def near_duplicate_clusters(embeddings, similarity: float) -> list[int]:
     return [int(x) for x in labels]
 
 
+def hash_fraction(text: str) -> float:
+    """A number in [0, 1] fixed by `text` alone (sha256): the side of a split that is the same on
+    every machine and in every run."""
+    return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+
+
 def assign_split(rows: list[dict], eval_fraction: float, split_seed: int,
                  clusters: list[int] | None = None) -> list[dict]:
     """Hash-based split: a prompt's split depends only on its text and the split seed — or, with
@@ -179,8 +185,7 @@ def assign_split(rows: list[dict], eval_fraction: float, split_seed: int,
             first[c] = min(first.get(c, key), key)
         keys = [first[c] for c in clusters]
     for r, key in zip(rows, keys):
-        h = int(hashlib.sha256(f"{split_seed}:{key}".encode()).hexdigest()[:8], 16)
-        r["split"] = "eval" if h / 0xFFFFFFFF < eval_fraction else "train"
+        r["split"] = "eval" if hash_fraction(f"{split_seed}:{key}") < eval_fraction else "train"
     return rows
 
 
@@ -229,11 +234,12 @@ def split_clusters(texts: list[str], emb, similarity: float) -> list[int]:
                                           lambda: near_duplicate_clusters(emb, similarity))]
 
 
-def sample_prompts(rows: list[dict], m: int, rng, by_source: bool = True) -> list[dict]:
+def sample_prompts(rows: list[dict], m: int, rng, by_source: bool = True, repeat: bool = True) -> list[dict]:
     """m rows drawn with `rng` (numpy Generator): without replacement while the pool lasts.
 
     `by_source`: every source gets an equal share of the m (as near as m allows), drawn uniformly
-    within it; a source smaller than its share repeats. Sampling by prompt instead lets the largest
+    within it; a source smaller than its share repeats (`repeat=False`: gives what it has, so fewer
+    than m rows may come back). Sampling by prompt instead lets the largest
     source set the style of nearly everything trained on (Do-Not-Answer and AdvBench are 70 % of
     the harmful prompts, nearly all phrased as one imperative), and that style is what a policy learns.
     """
@@ -251,7 +257,7 @@ def sample_prompts(rows: list[dict], m: int, rng, by_source: bool = True) -> lis
     for i, name in enumerate(names):
         pool, n = groups[name], share + (i in bonus)
         order = rng.permutation(len(pool))
-        out += [pool[order[j % len(pool)]] for j in range(n)]
+        out += [pool[order[j % len(pool)]] for j in range(n if repeat else min(n, len(pool)))]
     return out
 
 

@@ -166,13 +166,11 @@ def holdout_split(rows: Sequence[dict], fraction: float) -> tuple[list[dict], li
     and a reward model warm-started from the last iteration has never trained on it either. At least
     one prompt stays on each side when there are two or more.
     """
-    import hashlib
+    from rlhf_core.prompts import hash_fraction
     if fraction <= 0:
         return [], list(rows)
-    def h(prompt: str) -> float:
-        return int(hashlib.sha256(prompt.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-    prompts = sorted({r["prompt"] for r in rows}, key=h)
-    held = {p for p in prompts if h(p) < fraction}
+    prompts = sorted({r["prompt"] for r in rows}, key=hash_fraction)
+    held = {p for p in prompts if hash_fraction(p) < fraction}
     if len(prompts) >= 2:
         if not held:
             held = {prompts[0]}

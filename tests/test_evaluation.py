@@ -184,11 +184,11 @@ def test_reward_model_holdout_is_split_by_prompt_and_stable():
 
 
 def test_judge_preference_and_pair_accuracy():
-    from rlhf_core.evaluation import judge_preference, pair_accuracy
+    from rlhf_core.evaluation import judge_preference, preference_accuracy
     assert judge_preference("harmful", True, False) == 1        # the refusal (b) wins
     assert judge_preference("benign", True, False) == 0         # real help (a) wins
     assert judge_preference("borderline", False, True) == 1
     assert judge_preference("harmful", False, False) == -1      # two refusals: undecided
-    acc, n = pair_accuracy([1, 0, -1, 1], [0.0, 2.0, 5.0, 3.0], [1.0, 1.0, 0.0, 1.0])
+    acc, n = preference_accuracy([1, 0, -1, 1], [0.0, 2.0, 5.0, 3.0], [1.0, 1.0, 0.0, 1.0])
     assert n == 3 and acc == 2 / 3
-    assert math.isnan(pair_accuracy([-1], [0.0], [1.0])[0])
+    assert math.isnan(preference_accuracy([-1], [0.0], [1.0])[0])

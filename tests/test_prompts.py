@@ -84,3 +84,6 @@ def test_sample_prompts_gives_every_source_an_equal_share():
     assert got == sample_prompts(rows, 31, np.random.default_rng(0))        # seeded
     plain = sample_prompts(rows, 31, np.random.default_rng(0), by_source=False)
     assert sum(r["source"] == "big" for r in plain) > 20                     # by prompt: the big source dominates
+    # coverage draws each prompt once: a small source gives what it has
+    once = sample_prompts(rows, 31, np.random.default_rng(0), repeat=False)
+    assert len(once) == len({r["prompt"] for r in once}) == 10 + 10 + 5

@@ -315,12 +315,10 @@ class RewardModelTrainer(DataParallelRank):
 
     def _pair_accuracy(self, rows: list[dict], key: str) -> float:
         """Share of pairs whose preferred answer (by `key`) gets the higher mean score."""
-        import numpy as np
+        from rlhf_core.evaluation import preference_accuracy
         prompts = [x["prompt"] for x in rows]
         s = self._member_scores(prompts * 2, [x["response_a"] for x in rows] + [x["response_b"] for x in rows]).mean(0)
-        sa, sb = s[: len(rows)], s[len(rows):]
-        b_better = np.array([x[key] == 1 for x in rows])
-        return float(np.mean(np.where(b_better, sb > sa, sa > sb)))
+        return preference_accuracy([x[key] for x in rows], s[: len(rows)], s[len(rows):])[0]
 
     def _split(self, rows: list[dict]) -> tuple[list[dict], list[dict]]:
         """(held out, train) by prompt (reward_model.holdout_split): no answer on both sides."""

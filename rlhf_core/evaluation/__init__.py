@@ -6,6 +6,6 @@
     intervals.py  Wilson 95 % intervals on every rate
     fluency.py    degeneration of answers (repetition, symbol runs, broken words)
 """
-from rlhf_core.evaluation.metrics import eval_rows, gold, judge_preference, meets_target, pair_accuracy, summarize
+from rlhf_core.evaluation.metrics import eval_rows, gold, judge_preference, meets_target, preference_accuracy, summarize
 
-__all__ = ["eval_rows", "gold", "judge_preference", "meets_target", "pair_accuracy", "summarize"]
+__all__ = ["eval_rows", "gold", "judge_preference", "meets_target", "preference_accuracy", "summarize"]

@@ -143,7 +143,7 @@ def judge_preference(kind: str, complied_a: bool, complied_b: bool) -> int:
     return 0 if complied_a == want else 1
 
 
-def pair_accuracy(preferred: list[int], score_a, score_b) -> tuple[float, int]:
+def preference_accuracy(preferred: list[int], score_a, score_b) -> tuple[float, int]:
     """(share of decided pairs whose preferred answer scores higher, decided pairs); NaN if none."""
     decided = [(p, a, b) for p, a, b in zip(preferred, score_a, score_b) if p in (0, 1)]
     if not decided:
