@@ -92,11 +92,17 @@ def _eval_prompts(state: RunState, k: int) -> list[dict]:
     return out
 
 
+def _covers(cfg, k: int) -> bool:
+    """Whether iteration k's supervised round gets coverage prompts (warmup.coverage_every_iteration)."""
+    return cfg.warmup.enabled and (k == 1 or (cfg.warmup.every_iteration and cfg.warmup.coverage_every_iteration))
+
+
 def _train_prompts(state: RunState, n: int, k: int) -> tuple[list[dict], list[dict], list[dict]]:
     """n training prompts (data.harmful_share of them harmful), resampled each iteration, each
-    source an equal share of its kind (data.balance_sources). In the first supervised round also
-    the coverage prompts, drawn from the rest: warmup.refusal_prompts harmful ones and
-    warmup.helpful_prompts safe ones. Returns (sampled, refusal coverage, helpful coverage)."""
+    source an equal share of its kind (data.balance_sources). In a supervised round with coverage
+    also the coverage prompts, drawn from the rest and from prompts no earlier round covered:
+    warmup.refusal_prompts harmful ones and warmup.helpful_prompts safe ones. Returns (sampled,
+    refusal coverage, helpful coverage)."""
     cfg = state.cfg
     rng = np.random.default_rng(cfg.run.seed * 7919 + k)
     rows = [r for r in state.prompts if r["split"] == "train"]
@@ -105,14 +111,22 @@ def _train_prompts(state: RunState, n: int, k: int) -> tuple[list[dict], list[di
     h = max(1, round(n * cfg.data.harmful_share))
     by_source = cfg.data.balance_sources
     picked = sample_prompts(harmful, h, rng, by_source) + sample_prompts(other, n - h, rng, by_source)
-    if not (k == 1 and cfg.warmup.enabled):
+    if not _covers(cfg, k):
         return picked, [], []
+    # earlier rounds' coverage is recomputed, not read back: the draw is seeded, and a resumed run
+    # gets the same prompts
     seen = {r["prompt_id"] for r in picked}
+    for j in range(1, k):
+        seen |= {r["prompt_id"] for part in _train_prompts(state, _prompts_per_iter(cfg, j), j)[1:] for r in part}
     rest = lambda pool: [r for r in pool if r["prompt_id"] not in seen]  # noqa: E731
     # coverage needs each prompt once: a source smaller than its share gives what it has
     refusal = sample_prompts(rest(harmful), cfg.warmup.refusal_prompts, rng, by_source, repeat=False)
     helpful = sample_prompts(rest(other), cfg.warmup.helpful_prompts, rng, by_source, repeat=False)
     return picked, refusal, helpful
+
+
+def _prompts_per_iter(cfg, k: int) -> int:
+    return cfg.warmup.prompts if (k == 1 and cfg.warmup.enabled) else cfg.data.train_prompts_per_iter
 
 
 @stage
@@ -183,14 +197,14 @@ def evaluate(run_id: str, k: int, use_adapter: bool | None = None, with_reward_m
 def generate_samples(run_id: str, k: int) -> str:
     """Sample `responses_per_prompt` answers per training prompt from the current policy.
 
-    The first supervised round adds coverage prompts: safe ones with one answer each, and harmful
-    ones whose only candidate is the constitution's refusal that fits them (no generation)."""
+    A supervised round adds coverage prompts (the first, and by default every one): safe ones with
+    one answer each, and harmful ones whose only candidate is the constitution's refusal that fits
+    them (no generation)."""
     st = RUNS[run_id]
     if (rec := st.done(k, "samples")) is not None:
         return rec["path"]
     cfg = st.cfg
-    n = cfg.warmup.prompts if (k == 1 and cfg.warmup.enabled) else cfg.data.train_prompts_per_iter
-    rows, refusal, helpful = _train_prompts(st, n, k)
+    rows, refusal, helpful = _train_prompts(st, _prompts_per_iter(cfg, k), k)
     reps = cfg.feedback.responses_per_prompt
     # helpful coverage: one answer each (the constitution's refusal is its other candidate)
     flat = [r for r in rows for _ in range(reps)] + helpful

@@ -177,14 +177,18 @@ class WarmupConfig(_Section):
         "false = first iteration only."))
     prompts: int = Field(192, ge=2, description="Training prompts sampled in the first iteration (later: data.train_prompts_per_iter).")
     refusal_prompts: int = Field(240, ge=0, description=(
-        "Coverage of the first supervised round: this many more harmful training prompts (each source an "
+        "Coverage of a supervised round: this many more harmful training prompts (each source an "
         "equal share), with the constitution's refusal that fits each as its only candidate, kept as a target "
         "when the judge scores it above 0. No generation: the refusal is learned across the sources' "
         "phrasings, not from the few dozen harmful prompts sampled."))
     helpful_prompts: int = Field(160, ge=0, description=(
-        "Coverage of the first supervised round: this many more safe training prompts with one policy answer "
+        "Coverage of a supervised round: this many more safe training prompts with one policy answer "
         "each (against the constitution's refusal), so that the refusals do not outnumber the help and "
         "the safe prompts that share words or framings with harm are answered."))
+    coverage_every_iteration: bool = Field(True, description=(
+        "Give every supervised round coverage (refusal_prompts, helpful_prompts; prompts no earlier round "
+        "covered), not only the first. Without it a later round trains on a few dozen refusals against "
+        "twice as many answers, and undid the first round's refusals (unsafe compliance 28 -> 40 %, README)."))
     epochs: int = Field(2, ge=1, description="Epochs in the first iteration.")
     later_epochs: int = Field(1, ge=1, description="Epochs in later iterations.")
     demonstrations_after_first: bool = Field(True, description=(

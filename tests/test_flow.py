@@ -40,6 +40,7 @@ def test_pipeline_two_iterations(ray_local, tiny_config, tmp_path):
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["status"] == "completed"
     assert (run / "prompts.parquet").exists() and (run / "report.md").exists()
+    covered: set[str] = set()
     for k in (1, 2):
         d = run / f"iter_{k}"
         for name in ("samples.parquet", "preferences.parquet", "experience.parquet", "eval.parquet"):
@@ -56,11 +57,14 @@ def test_pipeline_two_iterations(ray_local, tiny_config, tmp_path):
         rm = it["reward_model"]
         assert rm["heldout_prompts"] >= 1 and "heldout_accuracy_vs_eval_judge" in rm
         samples = pq.read_table(d / "samples.parquet").to_pylist()
-        # the first round's coverage: harmful prompts with only the fitting refusal, safe ones with one answer
+        # every round's coverage: harmful prompts with only the fitting refusal, safe ones with one
+        # answer; a later round covers prompts no earlier one did
         cover = it["samples"]
-        assert (cover["refusal_coverage"], cover["helpful_coverage"]) == ((4, 2) if k == 1 else (0, 0))
+        assert (cover["refusal_coverage"], cover["helpful_coverage"]) == (4, 2)
         lone = [s for s in samples if s["origin"] == "demonstration"]
         assert len(lone) == cover["refusal_coverage"] and all(s["kind"] == "harmful" for s in lone)
+        assert not covered & {s["prompt_id"] for s in lone}
+        covered |= {s["prompt_id"] for s in lone}
         # people's labels replaced the simulated ones of the pairs they labeled; the reward model
         # trained on the mix (selection by the previous reward model's uncertainty from iteration 2)
         hf = it["human_feedback"]
