@@ -78,6 +78,10 @@ class DataConfig(_Section):
         "Near-duplicates stay on one side of the train/eval split: prompts whose sentence embeddings are "
         "this similar (cosine, average linkage) form one cluster, and a cluster is split as a whole. 0: "
         "every prompt on its own (a plain text-hash split)."))
+    generalisation_similarity: float = Field(0.75, gt=0, le=1, description=(
+        "A training-source prompt at least this similar (cosine of sentence embeddings) to a generalisation "
+        "prompt is dropped, so no paraphrase of an evaluation-only prompt trains. Stricter than the split's "
+        "0.8: pairs at 0.75-0.8 are still the same request reworded. Applies when split_similarity > 0."))
 
 
 class HumanFeedbackConfig(_Section):

@@ -167,6 +167,15 @@ def near_duplicate_clusters(embeddings, similarity: float) -> list[int]:
     return [int(x) for x in labels]
 
 
+def far_from(emb, held_emb, similarity: float):
+    """(N,) bool: which of N unit-norm embeddings are less than `similarity` (cosine) from every
+    row of held_emb (M, d): the prompts that may train beside an evaluation-only set."""
+    import numpy as np
+    if len(held_emb) == 0:
+        return np.ones(len(emb), dtype=bool)
+    return (np.asarray(emb) @ np.asarray(held_emb).T).max(axis=1) < similarity
+
+
 def hash_fraction(text: str) -> float:
     """A number in [0, 1] fixed by `text` alone (sha256): the side of a split that is the same on
     every machine and in every run."""
@@ -291,8 +300,8 @@ def build_prompt_table(data_cfg) -> pa.Table:
     if data_cfg.split_similarity > 0:
         emb = prompt_embeddings([r["prompt"] for r in rows])
         # no near-copy of an evaluation-only prompt may train: such source prompts are dropped
-        gen = prompt_embeddings([r["prompt"] for r in generalisation])
-        keep = (emb @ gen.T).max(axis=1) < data_cfg.split_similarity
+        keep = far_from(emb, prompt_embeddings([r["prompt"] for r in generalisation]),
+                        data_cfg.generalisation_similarity)
         rows, emb = [r for r, k in zip(rows, keep) if k], emb[keep]
         clusters = split_clusters([r["prompt"] for r in rows], emb, data_cfg.split_similarity)
     rows = assign_split(rows, data_cfg.eval_fraction, data_cfg.split_seed, clusters)

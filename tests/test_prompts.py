@@ -4,7 +4,7 @@ import pytest
 
 from rlhf_core.config import DataConfig
 from rlhf_core.prompts import (BENIGN_FILE, BORDERLINE_FILE, PromptFileError, assign_split, build_prompt_table,
-                               read_prompt_file)
+                               far_from, read_prompt_file)
 
 
 def test_packaged_sets_are_large_enough():
@@ -24,6 +24,26 @@ def test_prompt_table_split_is_fixed_and_disjoint():
     kinds = {r["kind"] for r in t1}
     assert kinds == {"harmful", "benign", "borderline"}
     assert len({r["prompt_id"] for r in t1}) == len(t1)
+
+
+def test_near_copies_of_an_evaluation_only_set_are_dropped():
+    import numpy as np
+    rng = np.random.default_rng(0)
+    held = rng.normal(size=(5, 16))
+    held /= np.linalg.norm(held, axis=1, keepdims=True)
+    # cosine 0.9 to held[0] / 0.6 to held[1] / unrelated
+    emb = np.stack([0.9 * held[0] + np.sqrt(1 - 0.81) * _orth(held[0], rng),
+                    0.6 * held[1] + 0.8 * _orth(held[1], rng), _orth(held[2], rng)])
+    assert far_from(emb, held, 0.75).tolist()[:2] == [False, True]
+    assert far_from(emb, held[:0], 0.75).all()
+
+
+def _orth(v, rng):
+    """A unit vector orthogonal to unit vector v (and, with 16 dims, nearly so to the other rows)."""
+    import numpy as np
+    u = rng.normal(size=v.shape)
+    u -= (u @ v) * v
+    return u / np.linalg.norm(u)
 
 
 def test_split_does_not_depend_on_order():
