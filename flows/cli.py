@@ -139,7 +139,14 @@ def _feedback_tools_main(args: argparse.Namespace) -> int:
     console = make_console()
     if args.command == "judge":
         from labeling.judge_server import serve
+        from rlhf_core.config import ConfigError
         from rlhf_core.models import resolve_model_path
+        from rlhf_core.preflight import check_model
+        try:
+            check_model("--model", args.model)
+        except ConfigError as e:
+            console.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
+            return 2
         console.print(f"LLM judge: http://{args.host}:{args.port}/v1/chat/completions", highlight=False)
         serve(resolve_model_path(args.model), host=args.host, port=args.port, device=args.device,
               max_new_tokens=args.max_new_tokens, model_name=args.name)
@@ -300,12 +307,15 @@ def _print_result(console, title: str, results: dict, run_dir: str) -> None:
 def _resume_main(console, args: argparse.Namespace) -> int:
     import torch
     torch.set_num_threads(1)  # the driver only coordinates; actors own the cores
+    from rich.markup import escape
+
     from flows.pipeline import rlhf_pipeline
     from flows.resume import ResumeError, load_run
+    from rlhf_core.config import ConfigError
     try:
         state = load_run(args.run, args.runs_dir)
-    except ResumeError as e:
-        console.print(f"[red]error:[/] {e}")
+    except (ResumeError, ConfigError) as e:
+        console.print(f"[red]error:[/] {escape(str(e))}")
         return 2
     console.print(f"resuming run [bold]{state.run_id}[/] in {state.run_dir}", highlight=False)
     try:
@@ -321,17 +331,31 @@ def _resume_main(console, args: argparse.Namespace) -> int:
 def _retrain_main(console, args: argparse.Namespace) -> int:
     import torch
     torch.set_num_threads(1)
+    from rich.markup import escape
+
     from flows.retrain import RetrainError, retrain
     try:
         out = retrain(config_path=args.config, overrides=args.overrides,
                       show_progress=False if args.no_progress else None)
     except RetrainError as e:
-        console.print(f"[red]error:[/] {e}")
+        console.print(f"[red]error:[/] {escape(str(e))}")
         return 2
     if out["status"] == "completed":
         _print_result(console, f"alignflow retrain {out['run_id']}: {out['parent'] or 'base'} vs retrained "
                       f"({out['stage']})", out["results"], out["run_dir"])
     return 0
+
+
+def _check_inputs(cfg, args: argparse.Namespace) -> None:
+    """Models, the adapter and the output folder, before Prefect, Ray or any model starts: a
+    mistyped path is a one-line error now, not a traceback from every actor a minute later."""
+    from rlhf_core.preflight import check_adapter, check_model, check_run
+    if args.command == "eval" and args.model:
+        check_model("--model", args.model)
+        cfg.policy.model = args.model
+    if args.command == "eval" and args.adapter:
+        check_adapter("--adapter", args.adapter)
+    check_run(cfg)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -345,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         return _feedback_tools_main(args)
     _prepare_env()
     from flows.console import make_console
+    from rich.markup import escape
 
     from rlhf_core.config import ConfigError, describe_fields, load_config
     from rlhf_core.prompts import PromptFileError
@@ -354,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
-        console.print(f"[red]error:[/] {e}")
+        console.print(f"[red]error:[/] {escape(str(e))}")
         return 2
 
     if args.command == "config":
@@ -366,6 +391,11 @@ def main(argv: list[str] | None = None) -> int:
             console.print(yaml.safe_dump(cfg.model_dump(), sort_keys=False), highlight=False)
         return 0
 
+    try:
+        _check_inputs(cfg, args)
+    except ConfigError as e:
+        console.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
+        return 2
     if args.command == "retrain":
         return _retrain_main(console, args)
     import torch
@@ -375,11 +405,6 @@ def main(argv: list[str] | None = None) -> int:
     from rlhf_core.schemas import SchemaError
     show = False if args.no_progress else None
     if args.command == "eval":
-        if args.model:
-            cfg.policy.model = args.model
-        if args.adapter and not os.path.isfile(os.path.join(args.adapter, "adapter_model.safetensors")):
-            console.print(f"[red]error:[/] --adapter {args.adapter}: no adapter_model.safetensors in that folder")
-            return 2
         cfg.run.name = "eval"
         cfg.feedback.human.enabled = False  # evaluation collects no feedback
     if args.command == "dpo":
@@ -393,8 +418,8 @@ def main(argv: list[str] | None = None) -> int:
             from flows.dpo import read_pairs
             read_pairs(cfg.dpo.preferences)
         state = prepare_run(cfg)
-    except (PromptFileError, HumanFeedbackError, SchemaError) as e:
-        console.print(f"[red]error:[/] {e}")
+    except (ConfigError, PromptFileError, HumanFeedbackError, SchemaError) as e:
+        console.print(f"[red]error:[/] {escape(str(e))}")
         return 2
     try:
         if args.command == "run":

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from rlhf_core.io import path_component_problem
+
 DEFAULT_REGISTRY = "runs/registry.json"
 
 
@@ -25,6 +27,12 @@ def add_models_commands(sub: argparse._SubParsersAction) -> None:
                        help="registry file (default %(default)s: runs/ of the default run.output_dir)")
 
 
+def version_problem(version: str) -> str | None:
+    """Why `version` cannot be a version id (<run_id>/iter_<k>, each part one folder name as a run
+    writes it), or None: one with '..', '.', an empty part or a backslash is refused, not looked up."""
+    return next((f"part {p!r}: {why}" for p in version.split("/") if (why := path_component_problem(p))), None)
+
+
 def models_main(args: argparse.Namespace) -> int:
     from flows.console import make_console
     from rich.markup import escape
@@ -34,6 +42,8 @@ def models_main(args: argparse.Namespace) -> int:
     console = make_console()
     reg = Registry(args.registry)
     try:
+        if getattr(args, "version", None) is not None and (problem := version_problem(args.version)):
+            raise RegistryError(f"version {args.version[:120]!r}: not a version id ({problem})")
         if args.models_command != "list" and not reg.path.exists():
             raise RegistryError(f"--registry {reg.path}: no registry there yet (a finished `alignflow run` creates it)")
         if args.models_command == "list":

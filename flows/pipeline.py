@@ -44,6 +44,7 @@ from rlhf_core.feedback import (
     refusal_negatives,
     rejection_sampling_targets,
 )
+from rlhf_core.preflight import check_run
 from rlhf_core.prompts import build_prompt_table, sample_prompts
 
 
@@ -52,6 +53,7 @@ def prepare_run(cfg: AlignflowConfig, run_id: str | None = None) -> RunState:
 
     Nothing is written unless every input is valid: the run folder is created only afterwards.
     """
+    check_run(cfg)
     table = build_prompt_table(cfg.data)
     check_human_feedback_ready(cfg)
     run_id = run_id or new_run_id(cfg.run.name)

@@ -16,6 +16,8 @@ from flows import timeline
 from flows.run_state import RUNS, RunState, stage
 from rlhf_core import schemas
 from rlhf_core.config import AlignflowConfig
+from rlhf_core.io import path_component_problem
+from rlhf_core.preflight import check_run
 
 
 class ResumeError(RuntimeError):
@@ -27,7 +29,13 @@ def load_run(run: str, output_dir: str = "runs") -> RunState:
 
     The run continues with the config it started with; its prompts file must be the one recorded.
     """
-    run_dir = Path(run) if Path(run).is_dir() else Path(output_dir) / run
+    if Path(run).is_dir():
+        run_dir = Path(run)
+    elif problem := path_component_problem(run):
+        # An id names a folder *in* output_dir; '../x' would reach a run (or write) outside it.
+        raise ResumeError(f"{run}: not a run id ({problem}); to resume a run elsewhere, give its folder")
+    else:
+        run_dir = Path(output_dir) / run
     manifest_path = run_dir / "manifest.json"
     if not manifest_path.is_file():
         raise ResumeError(f"{run}: no run there (looked for {manifest_path})")
@@ -44,6 +52,7 @@ def load_run(run: str, output_dir: str = "runs") -> RunState:
     if schemas.file_sha256(prompts) != manifest["data"]["prompts"]["sha256"]:
         raise ResumeError(f"{prompts} changed since the run started (sha256 differs from the manifest)")
     cfg.run.output_dir = str(run_dir.parent)     # wherever it is resumed from: the registry beside it
+    check_run(cfg)     # a model folder moved since the run started: say so before any actor starts
     state = RunState(run_id=manifest["run_id"], run_dir=run_dir, cfg=cfg, manifest=manifest,
                      prompts=schemas.read_table(prompts, schemas.PROMPTS).to_pylist())
     manifest.setdefault("resumed", []).append({"at": time.strftime("%Y-%m-%dT%H:%M:%S"),

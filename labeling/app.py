@@ -2,7 +2,7 @@
 
 Every /api call names its annotator by `Authorization: Bearer <token>`; there are no sessions or
 cookies, so another site cannot make a browser act for a person (no CSRF), and one annotator can
-only ever reach their own impressions and labels. Errors are 401/404/409/422, never a 500.
+only ever reach their own impressions and labels. Errors are 401/404/409/413/422, never a 500.
 """
 # No `from __future__ import annotations`: FastAPI must resolve the route signatures at run time,
 # and the `Annotator` dependency type is local to create_app.
@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
@@ -22,6 +23,14 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 from labeling import store
 
 HarmCategory = Literal[store.HARM_CATEGORIES]
+
+# A label is about 200 bytes of JSON. Bodies over this are refused before anything reads them
+# whole: a signed-in annotator (or anyone, before the token is checked) cannot make the server
+# parse megabytes.
+MAX_BODY_BYTES = 64 * 1024
+# A 422 says what is wrong, not what was sent: no `input`, at most this many errors, locations and
+# messages cut short (a key of the body is a location; a message may quote a value).
+MAX_ERRORS, MAX_LOC_CHARS, MAX_MSG_CHARS = 10, 64, 600
 
 
 class _Strict(BaseModel):
@@ -101,9 +110,58 @@ class Error(BaseModel):
 
 
 _ERRORS = {401: {"model": Error, "description": "Missing or unknown token"}}
-_BODY = {400: {"model": Error, "description": "The body is not JSON"}}
+_TOO_LARGE = {413: {"model": Error, "description": f"The body is over {MAX_BODY_BYTES} bytes"}}
+_BODY = {400: {"model": Error, "description": "The body is not JSON"}, **_TOO_LARGE}
 _NOT_FOUND = {404: {"model": Error, "description": "No such impression for this annotator"}}
 _CONFLICT = {409: {"model": Error, "description": "Already labeled or skipped, or the batch is closed"}}
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for a request body over `limit` bytes, by its Content-Length or, for a
+    chunked one, as it arrives; a body within the limit is handed on unchanged."""
+
+    def __init__(self, app, limit: int = MAX_BODY_BYTES):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"0")
+        if not length.isdigit() or int(length) > self.limit:
+            return await self._too_large(scope, receive, send)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":     # the client went away
+                return None
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                return await self._too_large(scope, receive, send)
+            more = message.get("more_body", False)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, scope, receive, send) -> None:
+        response = JSONResponse({"detail": f"request body over {self.limit} bytes"}, status_code=413,
+                                headers={"Connection": "close"})
+        await response(scope, receive, send)
+
+
+def _short_error(e: dict) -> dict:
+    loc = [p[:MAX_LOC_CHARS] if isinstance(p, str) else p for p in e["loc"]]
+    msg = e["msg"]
+    if e["type"] == "json_invalid":   # where the JSON breaks; the decoder's words quote no input
+        msg += f": {e.get('ctx', {}).get('error', '')}"
+    return {"loc": loc, "msg": msg[:MAX_MSG_CHARS], "type": e["type"]}
 
 
 def _csp_hash(page: str, tag: str) -> str:
@@ -118,6 +176,7 @@ def create_app(db_path: str | Path) -> FastAPI:
     # No /docs or /redoc: they load Swagger UI from a CDN, which offline machines cannot reach.
     app = FastAPI(title="alignflow labeling", version="1", docs_url=None, redoc_url=None,
                   description="Pairwise preference + per-answer safety labels (PKU-SafeRLHF style).")
+    app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
     bearer = HTTPBearer(auto_error=False, description="The token `alignflow annotators add NAME` printed.")
 
     def annotator(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> str:
@@ -133,6 +192,10 @@ def create_app(db_path: str | Path) -> FastAPI:
     def _labeling_error(_: Request, e: store.LabelingError) -> JSONResponse:
         status = 404 if isinstance(e, store.NotFound) else 409 if isinstance(e, store.Conflict) else 422
         return JSONResponse({"detail": str(e)}, status_code=status)
+
+    @app.exception_handler(RequestValidationError)
+    def _invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": [_short_error(x) for x in e.errors()[:MAX_ERRORS]]}, status_code=422)
 
     @app.exception_handler(sqlite3.OperationalError)
     def _busy(_: Request, e: sqlite3.OperationalError) -> JSONResponse:
@@ -185,7 +248,7 @@ def create_app(db_path: str | Path) -> FastAPI:
         return Progress(**store.annotator_progress(db, who))
 
     @app.post("/api/undo", responses={**_ERRORS, 404: {"model": Error, "description": "No label to undo"},
-                                      **_CONFLICT})
+                                      **_CONFLICT, **_TOO_LARGE})
     def undo(who: Annotator) -> Undone:
         """Delete this annotator's latest label; its pair comes back next."""
         return Undone(**store.undo_last(db, who))

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from rlhf_core.io import decode_utf8, path_component_problem
 from rlhf_core.schemas import PREFERENCE_SOURCES
 
 
@@ -363,12 +365,32 @@ class RetrainConfig(_Section):
         "fewer: the run finishes at once as skipped, and the labels wait for the next one."))
 
 
+DEVICE = re.compile(r"cpu|auto|cuda(:\d+)?")
+
+
 class RunConfig(_Section):
-    name: str = Field("default", description="Run name; the run id is <name>-<timestamp>.")
+    name: str = Field("default", description=(
+        "Run name; the run id is <name>-<timestamp>, one folder name: not '.' or '..', no '/' or '\\'."))
     seed: int = Field(0)
     iterations: int = Field(2, ge=1, description="Outer RLHF rounds.")
     output_dir: str = Field("runs", description="Runs are written to <output_dir>/<run_id>/.")
-    device: str = Field("cpu", description="'cpu', 'cuda' or 'auto'.")
+    device: str = Field("cpu", description="'cpu', 'cuda', 'cuda:N' or 'auto' (cuda when there is one).")
+
+    @field_validator("name")
+    @classmethod
+    def _one_folder(cls, v: str) -> str:
+        # The run id becomes <output_dir>/<run_id>: a separator or '..' would write elsewhere.
+        if problem := path_component_problem(v):
+            raise ValueError(problem)
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _torch_device(cls, v: str) -> str:
+        # Checked here, not where torch first meets it inside an actor a minute into the run.
+        if not DEVICE.fullmatch(v):
+            raise ValueError(f"must be 'cpu', 'cuda', 'cuda:N' or 'auto', got {v!r}")
+        return v
 
 
 class AlignflowConfig(_Section):
@@ -419,16 +441,26 @@ class ConfigError(ValueError):
 
 
 def _format_validation(err: ValidationError, source: str) -> str:
-    lines = [f"invalid config ({source}):"]
-    for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "<root>"
-        lines.append(f"  {key}: {e['msg']}")
-    return "\n".join(lines)
+    found = [f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in err.errors()]
+    if len(found) == 1:
+        return f"invalid config ({source}): {found[0]}"
+    return "\n  ".join([f"invalid config ({source}):", *found])
 
 
-def _parse_value(raw: str) -> Any:
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML error in one line (its str() is several, with the text quoted under a caret)."""
+    return getattr(e, "problem", None) or str(e).splitlines()[0]
+
+
+def _parse_value(key: str, raw: str) -> Any:
     # YAML parsing gives `--set ppo.steps=4` an int and `--set x=[a,b]` a list.
-    return yaml.safe_load(raw) if raw != "" else ""
+    if raw == "":
+        return ""
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {key}: {raw[:40]!r} is not a YAML value ({_yaml_problem(e)}); "
+                          f"for text, quote it: --set '{key}=\"...\"'") from None
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -442,7 +474,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {key}: {p} is not a section")
-        node[parts[-1]] = _parse_value(raw)
+        node[parts[-1]] = _parse_value(key.strip(), raw)
     return data
 
 
@@ -456,9 +488,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from e
+            loaded = yaml.safe_load(decode_utf8(p.read_bytes(), str(p), ConfigError))
+        except yaml.MarkedYAMLError as e:
+            line = f":{e.problem_mark.line + 1}" if e.problem_mark else ""
+            raise ConfigError(f"{p}{line}: not valid YAML: {_yaml_problem(e)}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {_yaml_problem(e)}") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import reprlib
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +21,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from rlhf_core.io import atomic_path
 from rlhf_core.prompts import prompt_id
 from rlhf_core.schemas import PREFERENCES, from_rows, read_table, validate
 
@@ -348,13 +347,6 @@ def export_preferences(table_or_path: pa.Table | str | Path, dest: str | Path, f
     if not records:
         raise PreferenceFormatError(f"{dest}: nothing to export: {ties} of {table.num_rows} pairs are ties")
     columns = spec.columns.append(pa.field("margin", pa.float64())) if with_margin else spec.columns
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".tmp", dir=dest.parent)
-    os.close(fd)
-    try:
-        write(records, columns, tmp)
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_path(dest) as tmp:
+        write(records, columns, str(tmp))
     return {"written": len(records), "skipped_ties": ties}

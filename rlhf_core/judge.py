@@ -21,7 +21,6 @@ import importlib.metadata
 import math
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -29,7 +28,7 @@ from typing import Sequence
 import numpy as np
 import yaml
 
-from rlhf_core.io import read_jsonl
+from rlhf_core.io import atomic_path, read_jsonl
 
 DEFAULT_CONSTITUTION = Path(__file__).parent / "constitution.yaml"
 SCORERS = ("refusal_when_harmful", "help_when_benign", "no_toxicity", "helpfulness", "no_lecturing")
@@ -388,16 +387,8 @@ class HarmClassifier:
         """Write weights as .npz atomically (temp file + os.replace), so readers never see half a file."""
         if self.w is None:
             raise RuntimeError("nothing to save: HarmClassifier is not fitted")
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez(fh, w=self.w, b=np.array(self.b))
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, w=self.w, b=np.array(self.b))
 
     @classmethod
     def load(cls, path: str | os.PathLike, encoder: TextEncoder) -> "HarmClassifier":

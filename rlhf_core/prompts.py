@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from rlhf_core.io import read_jsonl
+from rlhf_core.io import decode_utf8, read_jsonl
 from rlhf_core.schemas import PROMPTS, from_rows
 
 DATA_DIR = Path(__file__).parent / "data"
@@ -34,6 +34,11 @@ DNA_HARMFUL_FILES = ("malicious_uses", "information_hazard", "discrimination_exc
 
 class PromptFileError(ValueError):
     """A prompt file that cannot be used; the message names the file and the problem."""
+
+
+# Far above what the policy reads (policy.max_prompt_tokens, 128 tokens by default): a longer
+# "prompt" is a file mix-up, and would cost memory in every actor that holds the prompt table.
+MAX_PROMPT_CHARS = 65_536
 
 
 def _package_file(dist: str, rel: str) -> Path:
@@ -125,21 +130,14 @@ def read_prompt_file(path: str | Path, kind: str) -> list[dict]:
             raise PromptFileError(f"{path}: missing column 'prompt' (columns: {table.column_names})")
         records = list(enumerate(table.to_pylist(), start=1))
     else:
-        raw = path.read_bytes()
-        try:
-            text = raw.decode("utf-8-sig")
-        except UnicodeDecodeError as e:
-            raise PromptFileError(f"{path}: not valid UTF-8 (byte {e.start}): {e.reason}") from e
+        text = decode_utf8(path.read_bytes(), str(path), PromptFileError)
         if suffix == ".jsonl":
             for n, obj in read_jsonl(path, PromptFileError):
                 if "prompt" not in obj:
                     raise PromptFileError(f"{path}:{n}: missing field 'prompt'")
                 records.append((n, obj))
         elif suffix == ".csv":
-            reader = csv.DictReader(io.StringIO(text))
-            if not reader.fieldnames or "prompt" not in reader.fieldnames:
-                raise PromptFileError(f"{path}: missing column 'prompt' (header: {reader.fieldnames})")
-            records = [(n, r) for n, r in enumerate(reader, start=2)]
+            records = _csv_records(path, text)
         else:
             raise PromptFileError(f"{path}: unsupported prompt file type {suffix!r} (use .jsonl, .csv, .parquet)")
     rows = []
@@ -147,10 +145,40 @@ def read_prompt_file(path: str | Path, kind: str) -> list[dict]:
         prompt = rec.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
             raise PromptFileError(f"{path}:{n}: empty or non-text 'prompt'")
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise PromptFileError(f"{path}:{n}: prompt of {len(prompt):,} characters; at most {MAX_PROMPT_CHARS:,}")
         rows.append(_row(prompt, kind, rec.get("source") or path.stem, str(rec.get("category") or "")))
     if not rows:
         raise PromptFileError(f"{path}: no prompts in file")
     return rows
+
+
+def _csv_records(path: Path, text: str) -> list[tuple[int, dict]]:
+    """(line a record starts on, record) for every row. strict: a quote left open would otherwise
+    swallow the rest of the file into one prompt, silently."""
+    reader = csv.reader(io.StringIO(text), strict=True)
+    records, start = [], 1
+    try:
+        header = next(reader, None)
+        if not header or "prompt" not in header:
+            raise PromptFileError(f"{path}: missing column 'prompt' (header: {header})")
+        start = reader.line_num + 1
+        for row in reader:
+            if row:  # a blank line (as csv.DictReader skips them)
+                records.append((start, dict(zip(header, row))))
+            start = reader.line_num + 1
+    except csv.Error as e:
+        raise PromptFileError(f"{path}:{start}: {_csv_problem(e)}") from None
+    return records
+
+
+def _csv_problem(e: csv.Error) -> str:
+    msg = str(e)
+    if "unexpected end of data" in msg:
+        return "a quoted field is never closed (a '\"' opens a field that runs to the end of the file)"
+    if "field larger than field limit" in msg:
+        return f"a field longer than {csv.field_size_limit():,} characters (prompts: at most {MAX_PROMPT_CHARS:,})"
+    return f"not valid CSV: {msg}"
 
 
 def near_duplicate_clusters(embeddings, similarity: float) -> list[int]:

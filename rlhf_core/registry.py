@@ -16,10 +16,11 @@ import contextlib
 import hashlib
 import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from rlhf_core.io import atomic_write_text
 
 STAGES = ("candidate", "production", "archived")
 
@@ -127,10 +128,7 @@ class Registry:
         try:
             data = self._read()
             yield data
-            fd_tmp, tmp = tempfile.mkstemp(prefix=self.path.name + ".", suffix=".tmp", dir=self.path.parent)
-            with os.fdopen(fd_tmp, "w", encoding="utf-8") as fh:
-                json.dump(data, fh, indent=2)
-            os.replace(tmp, self.path)
+            atomic_write_text(self.path, json.dumps(data, indent=2))
         finally:
             os.close(fd)
             with contextlib.suppress(FileNotFoundError):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 
 from rlhf_core.algorithms import bradley_terry_loss, cost_model_loss
+from rlhf_core.io import temp_dir_beside
 from rlhf_core.optim import GradSync, GuardedStep
 
 __all__ = [
@@ -361,15 +361,14 @@ def save_reward_model(model, tokenizer, dest: str | os.PathLike) -> Path:
     one deleted. A crash mid-save leaves the previous model intact.
     """
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp", dir=dest.parent))
+    tmp = temp_dir_beside(dest, f".{dest.name}.tmp")
     old = None
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         if dest.exists():
             # os.replace cannot overwrite a non-empty directory: move the old one aside first
-            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old", dir=dest.parent))
+            old = temp_dir_beside(dest, f".{dest.name}.old")
             os.replace(dest, old / dest.name)
         os.replace(tmp, dest)
     except BaseException:
@@ -392,8 +391,7 @@ def ensemble_member_path(folder: str | os.PathLike, i: int) -> Path:
 def save_ensemble(models, tokenizer, dest: str | os.PathLike) -> Path:
     """Save k reward models as dest/member_XX, all or nothing (built beside dest, then renamed in)."""
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp", dir=dest.parent))
+    tmp = temp_dir_beside(dest, f".{dest.name}.tmp")
     try:
         for i, model in enumerate(models):
             save_reward_model(model, tokenizer, ensemble_member_path(tmp, i))

@@ -6,12 +6,12 @@ write and when they read (`validate`), and write Parquet atomically (`write_tabl
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from rlhf_core.io import atomic_path
 
 
 def _f(name: str, typ: pa.DataType, doc: str, nullable: bool = False) -> pa.Field:
@@ -141,15 +141,8 @@ def write_table(table: pa.Table, path: str | Path, schema: pa.Schema) -> Path:
     """Validate, then write Parquet to a temp file and rename: readers never see half a file."""
     path = Path(path)
     table = validate(table, schema, str(path))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path
 
 

@@ -8,6 +8,7 @@ import threading
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 import torch
 from labelers import label_via_http
 from safetensors.torch import load_file
@@ -154,6 +155,61 @@ def test_bad_encoding_and_config_key(tmp_path):
     assert r.returncode == 2 and "not valid UTF-8" in r.stdout and str(bad) in r.stdout
     r = _cli("run", "--set", "ppo.clip=0.3", cwd=ROOT)
     assert r.returncode == 2 and "ppo.clip" in r.stdout
+
+
+@pytest.fixture()
+def nothing_starts(monkeypatch):
+    """The CLI in this process, with every flow and Ray replaced by a failure: an input check that
+    did not stop the command fails the test at once instead of starting a run."""
+    import flows.dpo
+    import flows.pipeline
+    import flows.retrain
+    import workers.cluster
+
+    def started(*args, **kwargs):
+        raise AssertionError("a flow or Ray started")
+    for module, name in ((flows.pipeline, "rlhf_pipeline"), (flows.pipeline, "eval_flow"), (flows.dpo, "dpo_flow"),
+                         (flows.retrain, "retrain"), (workers.cluster, "init_ray")):
+        monkeypatch.setattr(module, name, started)
+    from flows.cli import main
+    return main
+
+
+def _one_error_line(capsys) -> str:
+    out = capsys.readouterr().out.strip()
+    assert out.startswith("error: ") and "\n" not in out and "Traceback" not in out, out
+    return out
+
+
+def test_bad_model_references_stop_before_anything_starts(tmp_path, capsys, nothing_starts):
+    runs, a_file = tmp_path / "runs", tmp_path / "weights.bin"
+    a_file.write_bytes(b"x")
+    out = ["--set", f"run.output_dir={runs}"]
+    cases = [(["run", "--set", f"policy.model={tmp_path / 'nope'}"], "policy.model: ", "no such folder"),
+             (["run", "--set", f"reward_model.model={a_file}"], "reward_model.model: ", "is a file"),
+             (["run", "--set", "feedback.encoder=package:nope"], "feedback.encoder: ", "not a built-in model"),
+             (["eval", "--model", str(tmp_path)], "--model: ", "no config.json"),
+             (["eval", "--adapter", str(tmp_path / "nope")], "--adapter ", "no such folder")]
+    for args, key, found in cases:
+        assert nothing_starts(args + out) == 2
+        line = _one_error_line(capsys)
+        assert line.startswith(f"error: {key}") and found in line, line
+    assert not runs.exists(), "nothing may be written"
+
+
+def test_run_name_output_dir_and_values_are_checked_first(tmp_path, capsys, nothing_starts):
+    runs = tmp_path / "runs"
+    a_file = tmp_path / "not_a_folder"
+    a_file.write_text("")
+    cases = [(["--set", "run.name=../escaped", "--set", f"run.output_dir={runs}"], "run.name: "),
+             (["--set", f"run.output_dir={a_file}"], "run.output_dir: "),
+             (["--set", f"run.output_dir={a_file / 'runs'}"], "run.output_dir: "),
+             (["--set", "run.name=[unclosed", "--set", f"run.output_dir={runs}"], "--set run.name: "),
+             (["--set", "run.device=gpu", "--set", f"run.output_dir={runs}"], "run.device: ")]
+    for args, key in cases:
+        assert nothing_starts(["run", *args]) == 2
+        assert key in _one_error_line(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["not_a_folder"], "nothing may be written, inside or out"
 
 
 def test_help_explains_options():

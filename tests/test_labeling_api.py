@@ -241,6 +241,34 @@ def test_invalid_label_is_422_naming_the_field(db, server, body, field):
     assert c.get("/api/progress").json()["labeled"] == 0
 
 
+def test_invalid_label_422_is_short_and_does_not_echo_the_body(db, server):
+    store.publish_batch(db, pairs(1), "b1")
+    c = client(server, store.add_annotator(db, "alice"))
+    imp = c.get("/api/next").json()["item"]["impression_id"]
+    sent = "x" * 20_000
+    r = c.post("/api/labels", json={**label_body(imp, better=sent), "k" * 5_000: sent})
+    assert r.status_code == 422 and "better" in r.text and "extra" in r.text.lower(), r.text[:500]
+    assert len(r.text) < 1_000 and "x" * 50 not in r.text and "k" * 100 not in r.text, r.text[:500]
+    r = c.post("/api/labels", content=b'{"impression_id": ' + b"1" * 1_000,
+               headers={"Content-Type": "application/json"})
+    assert r.status_code == 422 and "JSON decode error" in r.text and len(r.text) < 500, r.text[:500]
+
+
+def test_bodies_over_the_limit_are_413_before_anything_parses_them(db, server):
+    store.publish_batch(db, pairs(1), "b1")
+    token = store.add_annotator(db, "alice")
+    big = b'{"impression_id": 1, "better": "' + b"x" * 1_000_000 + b'"}'
+    chunked = (big[i:i + 8192] for i in range(0, len(big), 8192))  # no Content-Length: counted as it arrives
+    for who, body in ((token, big), (token, chunked), (None, big)):
+        with client(server, who) as c:
+            r = c.post("/api/labels", content=body, headers={"Content-Type": "application/json"})
+            assert r.status_code == 413 and r.json() == {"detail": "request body over 65536 bytes"}
+    with client(server, token) as c:   # a body under the limit still gets the usual answers
+        imp = c.get("/api/next").json()["item"]["impression_id"]
+        assert c.post("/api/skip", json={"impression_id": imp + 1}).status_code == 404
+        assert c.post("/api/labels", json=label_body(imp)).status_code == 201
+
+
 def test_target_labels_spreads_pairs_and_deadline_closes_the_batch(db, server, monkeypatch):
     store.publish_batch(db, pairs(2), "b1", target_labels=1, deadline=datetime.now(UTC) + timedelta(hours=1))
     a, b, c = (client(server, store.add_annotator(db, n)) for n in ("alice", "bob", "carol"))

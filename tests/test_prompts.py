@@ -61,6 +61,11 @@ def test_split_does_not_depend_on_order():
     ("badjson.jsonl", '{"prompt": "ok"}\n{"prompt": \n', ":2: invalid JSON"),
     ("nofield.jsonl", '{"text": "ok"}\n', ":1: missing field 'prompt'"),
     ("notes.txt", "hello\n", "unsupported prompt file type"),
+    # a quote left open used to swallow the rest of the file into one prompt, silently
+    ("open_quote.csv", 'prompt\nhello\n"what is this\nsecond line\n', ":3: a quoted field is never closed"),
+    ("bad_quote.csv", 'prompt\n"ab"c\n', ":2: not valid CSV"),
+    ("big_field.csv", "prompt\nok\n" + "a" * 140_000 + "\n", ":3: a field longer than 131,072 characters"),
+    ("huge.jsonl", '{"prompt": "ok"}\n{"prompt": "' + "b" * 70_000 + '"}\n', ":2: prompt of 70,000 characters"),
 ])
 def test_malformed_files_name_file_and_problem(tmp_path, name, content, message):
     p = tmp_path / name
@@ -75,6 +80,17 @@ def test_bad_encoding(tmp_path):
     p.write_bytes(json.dumps({"prompt": "caf\u00e9"}).encode("latin-1").replace(b"\\u00e9", b"\xe9"))
     with pytest.raises(PromptFileError, match="not valid UTF-8"):
         read_prompt_file(p, "benign")
+    c = tmp_path / "latin.csv"
+    c.write_bytes(b"prompt\nhello\ncaf\xe9\n")
+    with pytest.raises(PromptFileError, match=rf"^{c}:3: not valid UTF-8 \(invalid continuation byte\)$"):
+        read_prompt_file(c, "benign")          # the line a person can find, not a byte offset
+
+
+def test_csv_lines_count_multiline_fields_and_blank_lines(tmp_path):
+    c = tmp_path / "multi.csv"
+    c.write_text('prompt,category\n\n"two\nlines",x\n""\n', encoding="utf-8")
+    with pytest.raises(PromptFileError, match=r"multi\.csv:5: empty"):
+        read_prompt_file(c, "benign")
 
 
 def test_good_csv_and_parquet(tmp_path):

@@ -96,3 +96,14 @@ def test_models_cli(tmp_path, capsys):
     assert "run-a/iter_2" in out and "production" in out and "archived" in out
     assert main(["models", "show", "run-b/iter_2", "--registry", str(path)]) == 0
     assert json.loads(capsys.readouterr().out)["lineage"]["algorithm"] == "grpo"
+
+
+def test_models_cli_refuses_versions_that_are_not_ids(tmp_path, capsys):
+    from flows.cli import main
+    path = tmp_path / "registry.json"
+    Registry(path).register("run-a/iter_2", {"algorithm": "gae"}, GOOD)
+    for bad in ("../../etc/passwd", "../iter_2", "run-a/..", "run-a\\iter_2"):
+        for action in ("show", "promote"):
+            assert main(["models", action, bad, "--registry", str(path)]) == 2
+            assert "not a version id" in capsys.readouterr().out
+    assert Registry(path).production() is None

@@ -113,3 +113,18 @@ def test_resume_refuses_what_it_cannot_continue(tmp_path):
     r = subprocess.run([sys.executable, "-m", "flows.cli", "resume", "nope", "--runs-dir", str(tmp_path)],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "no run there" in r.stdout
+
+
+def test_resume_refuses_a_run_id_that_escapes_the_runs_dir(tmp_path, capsys):
+    from flows.cli import main
+    from flows.resume import ResumeError, load_run
+    outside = tmp_path / "escaped"
+    outside.mkdir()
+    (outside / "manifest.json").write_text(json.dumps({"run_id": "escaped", "status": "failed", "config": {}}))
+    (tmp_path / "runs").mkdir()
+    for run_id in ("../escaped", "a/../../escaped"):    # a folder that exists from here is taken as a folder
+        with pytest.raises(ResumeError, match="not a run id"):
+            load_run(run_id, str(tmp_path / "runs"))
+    assert main(["resume", "../escaped", "--runs-dir", str(tmp_path / "runs")]) == 2
+    out = capsys.readouterr().out
+    assert out.startswith("error: ../escaped: not a run id") and out.count("\n") == 1, out

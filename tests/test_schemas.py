@@ -76,3 +76,43 @@ def test_timeline_union_counts_parallel_actors_once():
     t = summarize(tl)
     assert t["cold_start_s"] == 5 and t["flow_start_s"] == 3 and t["wall_s"] == 25
     assert t["outside_actors_s"] == 2 and t["prefect_gaps_s"] == 3
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_atomic_writes_honour_the_umask(tmp_path, umask):
+    """mkstemp/mkdtemp make 0600/0700; a file alignflow writes must get what open()/mkdir give,
+    or a teammate or serving container sharing the run folder cannot read it."""
+    import numpy as np
+
+    from rlhf_core import interop
+    from rlhf_core.io import atomic_write_text
+    from rlhf_core.judge import HarmClassifier
+    from rlhf_core.models import _atomic_folder
+    from rlhf_core.registry import Registry
+    old = os.umask(umask)
+    try:
+        prefs = schemas.write_table(schemas.from_rows([EXAMPLES["preferences"]], schemas.PREFERENCES),
+                                    tmp_path / "prefs.parquet", schemas.PREFERENCES)
+        clf = HarmClassifier(encoder=None)
+        clf.w = np.zeros(2)
+        clf.save(tmp_path / "clf.npz")
+        Registry(tmp_path / "registry.json").register("run-a/iter_1", {}, {})
+        interop.export_preferences(prefs, tmp_path / "trl.jsonl", "trl")
+        files = [prefs, atomic_write_text(tmp_path / "m.json", "{}"), tmp_path / "clf.npz",
+                 tmp_path / "registry.json", tmp_path / "trl.jsonl"]
+        folder = _atomic_folder(tmp_path / "model", lambda tmp: (tmp / "config.json").write_text("{}"))
+    finally:
+        os.umask(old)
+    assert {f.name: oct(f.stat().st_mode & 0o777) for f in files} == {f.name: oct(0o666 & ~umask) for f in files}
+    assert oct(folder.stat().st_mode & 0o777) == oct(0o777 & ~umask)
+
+
+def test_every_atomic_write_goes_through_rlhf_core_io():
+    # A new mkstemp/mkdtemp elsewhere would bring the 0600 files back.
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    sources = [p for d in ("rlhf_core", "flows", "workers", "labeling") for p in (root / d).rglob("*.py")]
+    direct = [str(p.relative_to(root)) for p in sources
+              if p != root / "rlhf_core" / "io.py" and ("mkstemp(" in p.read_text() or "mkdtemp(" in p.read_text()
+                                                       or "NamedTemporaryFile(" in p.read_text())]
+    assert direct == []
