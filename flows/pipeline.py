@@ -258,10 +258,10 @@ def collect_feedback(run_id: str, k: int, samples_path: str) -> str:
                                schemas.PREFERENCES)
     w = st.cfg.warmup
     origins = None if (k == 1 or w.demonstrations_after_first) else {"policy"}
-    targets = rejection_sampling_targets(samples, scores, w.keep_margin, origins=origins)
+    targets = rejection_sampling_targets(samples, scores, w.keep_margin, origins=origins, by_kind=w.targets_by_kind)
     tpath = schemas.write_table(schemas.from_rows(targets, schemas.SAMPLES), d / "warmup_targets.parquet",
                                 schemas.SAMPLES)
-    negatives = refusal_negatives(samples, scores)
+    negatives = refusal_negatives(samples, scores, by_kind=w.targets_by_kind)
     npath = schemas.write_table(schemas.from_rows(negatives, schemas.SAMPLES), d / "warmup_negatives.parquet",
                                 schemas.SAMPLES)
     stats = preference_stats(pairs)

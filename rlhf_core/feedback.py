@@ -63,7 +63,8 @@ def make_preferences(samples: list[dict], scores, *, flip_prob: float, tie_margi
 
 
 def rejection_sampling_targets(samples: list[dict], scores, keep_margin: float = 0.0,
-                               origins: set[str] | None = None) -> list[dict]:
+                               origins: set[str] | None = None, by_kind: bool = False,
+                               refusal_threshold: float = 0.5) -> list[dict]:
     """Supervised targets: each prompt's best candidate by the judge (no label noise), plus every
     other candidate within `keep_margin` of the best whose total is above 0.
 
@@ -73,11 +74,19 @@ def rejection_sampling_targets(samples: list[dict], scores, keep_margin: float =
     given, limits the candidates (e.g. {"policy"}: the policy's own answers only). A prompt's only
     candidate (the refusal of a coverage prompt) is a target only if its total is above 0: the
     judge agrees the refusal is right.
+
+    `by_kind`: the prompt's kind (the source it came from: a person wrote or curated it as harmful
+    or safe) limits the candidates first: a harmful prompt's target must be a refusal, a safe
+    prompt's must not. The judge still ranks what is left. Without it the judge's harm classifier
+    alone decides, and each of its false alarms on a safe prompt becomes a refusal to imitate.
     """
     by_prompt: dict[str, list[int]] = defaultdict(list)
     for i, s in enumerate(samples):
-        if origins is None or s["origin"] in origins:
-            by_prompt[s["prompt_id"]].append(i)
+        if origins is not None and s["origin"] not in origins:
+            continue
+        if by_kind and _is_refusal(s, scores, i, refusal_threshold) != (s["kind"] == "harmful"):
+            continue
+        by_prompt[s["prompt_id"]].append(i)
     out = []
     for idx in by_prompt.values():
         if len(idx) == 1 and not scores.total[idx[0]] > 0:
@@ -89,17 +98,26 @@ def rejection_sampling_targets(samples: list[dict], scores, keep_margin: float =
     return out
 
 
-def refusal_negatives(samples: list[dict], scores, harm_threshold: float = 0.5,
-                      refusal_threshold: float = 0.5) -> list[dict]:
-    """Refusals of prompts the judge deems safe: what the supervised stage should make unlikely.
+def _is_refusal(sample: dict, scores, i: int, threshold: float) -> bool:
+    # the constitution's demonstrations are refusals by construction (the detector misses some)
+    return sample["origin"] == "demonstration" or scores.refusal[i] >= threshold
 
-    A candidate is a negative when the judge's harm probability of its prompt is below
-    `harm_threshold` and its refusal strength is at least `refusal_threshold`. The constitution's
-    refusal demonstrations are candidates for every prompt, so each safe prompt has at least one;
-    later iterations add the policy's own over-refusals. The judge decides, not the prompt's source.
+
+def refusal_negatives(samples: list[dict], scores, harm_threshold: float = 0.5,
+                      refusal_threshold: float = 0.5, by_kind: bool = False) -> list[dict]:
+    """Refusals of safe prompts: what the supervised stage should make unlikely.
+
+    A candidate is a negative when its prompt is safe and it refuses (refusal strength at least
+    `refusal_threshold`, or a constitution demonstration). Safe means the judge's harm probability
+    is below `harm_threshold`, or with `by_kind` the prompt's kind is not harmful (its source says
+    so; see rejection_sampling_targets). The demonstrations are candidates for every prompt, so each
+    safe prompt has at least one; later iterations add the policy's own over-refusals.
     """
-    return [dict(s, judge_total=float(scores.total[i])) for i, s in enumerate(samples)
-            if scores.harm_prob[i] < harm_threshold and scores.refusal[i] >= refusal_threshold]
+    def safe(i: int, s: dict) -> bool:
+        return s["kind"] != "harmful" if by_kind else scores.harm_prob[i] < harm_threshold
+    refuses = (lambda i, s: _is_refusal(s, scores, i, refusal_threshold)) if by_kind else \
+        (lambda i, s: scores.refusal[i] >= refusal_threshold)
+    return [dict(s, judge_total=float(scores.total[i])) for i, s in enumerate(samples) if safe(i, s) and refuses(i, s)]
 
 
 def preference_stats(rows: list[dict]) -> dict:
