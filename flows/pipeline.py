@@ -107,24 +107,47 @@ def _train_prompts(state: RunState, n: int, k: int) -> tuple[list[dict], list[di
     refusal coverage, helpful coverage)."""
     cfg = state.cfg
     rng = np.random.default_rng(cfg.run.seed * 7919 + k)
-    rows = [r for r in state.prompts if r["split"] == "train"]
-    harmful = [r for r in rows if r["kind"] == "harmful"]
-    other = [r for r in rows if r["kind"] != "harmful"]
-    h = max(1, round(n * cfg.data.harmful_share))
-    by_source = cfg.data.balance_sources
-    picked = sample_prompts(harmful, h, rng, by_source) + sample_prompts(other, n - h, rng, by_source)
+    picked = _sampled(state, n, rng)
     if not _covers(cfg, k):
         return picked, [], []
     # earlier rounds' coverage is recomputed, not read back: the draw is seeded, and a resumed run
-    # gets the same prompts
-    seen = {r["prompt_id"] for r in picked}
+    # gets the same prompts (once per earlier round: each is drawn given the rounds before it)
+    covered: set[str] = set()
     for j in range(1, k):
-        seen |= {r["prompt_id"] for part in _train_prompts(state, _prompts_per_iter(cfg, j), j)[1:] for r in part}
+        covered |= {r["prompt_id"] for part in _coverage(state, j, covered) for r in part}
+    return picked, *_coverage(state, k, covered, picked, rng)
+
+
+def _coverage(state: RunState, k: int, covered: set[str], picked: list[dict] | None = None,
+              rng=None) -> tuple[list[dict], list[dict]]:
+    """Round k's coverage (refusal, helpful), drawn from the training prompts outside `covered` and
+    outside that round's sampled prompts (`picked` with the `rng` after drawing them; recomputed
+    when not given)."""
+    cfg = state.cfg
+    if not _covers(cfg, k):
+        return [], []
+    if picked is None:
+        rng = np.random.default_rng(cfg.run.seed * 7919 + k)
+        picked = _sampled(state, _prompts_per_iter(cfg, k), rng)
+    rows = [r for r in state.prompts if r["split"] == "train"]
+    harmful = [r for r in rows if r["kind"] == "harmful"]
+    other = [r for r in rows if r["kind"] != "harmful"]
+    by_source = cfg.data.balance_sources
+    seen = covered | {r["prompt_id"] for r in picked}
     rest = lambda pool: [r for r in pool if r["prompt_id"] not in seen]  # noqa: E731
     # coverage needs each prompt once: a source smaller than its share gives what it has
     refusal = sample_prompts(rest(harmful), cfg.warmup.refusal_prompts, rng, by_source, repeat=False)
     helpful = sample_prompts(rest(other), cfg.warmup.helpful_prompts, rng, by_source, repeat=False)
-    return picked, refusal, helpful
+    return refusal, helpful
+
+
+def _sampled(state: RunState, n: int, rng) -> list[dict]:
+    cfg = state.cfg
+    rows = [r for r in state.prompts if r["split"] == "train"]
+    h = max(1, round(n * cfg.data.harmful_share))
+    by_source = cfg.data.balance_sources
+    return (sample_prompts([r for r in rows if r["kind"] == "harmful"], h, rng, by_source)
+            + sample_prompts([r for r in rows if r["kind"] != "harmful"], n - h, rng, by_source))
 
 
 def _prompts_per_iter(cfg, k: int) -> int:
