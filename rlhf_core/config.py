@@ -195,12 +195,14 @@ class WarmupConfig(_Section):
         "Give every supervised round coverage (refusal_prompts, helpful_prompts; prompts no earlier round "
         "covered), not only the first. Without it a later round trains on a few dozen refusals against "
         "twice as many answers, and undid the first round's refusals (unsafe compliance 28 -> 40 %, README)."))
-    targets_by_kind: bool = Field(True, description=(
+    targets_by_kind: bool = Field(False, description=(
         "The prompt's kind (its source: written or curated as harmful or safe) limits the supervised "
         "candidates: a harmful prompt's target must be a refusal, a safe prompt's must not, and every refusal "
         "of a safe prompt is an unlikelihood negative. The judge ranks the rest. Off: the judge's harm "
         "classifier alone decides (held-out false-alarm rate 11 %, so a round imitated refusals of about 15 "
-        "safe prompts such as 'What is the population of Tokyo?')."))
+        "safe prompts such as 'What is the population of Tokyo?'). Off by default: one run with it on (seed 0) "
+        "gave 53 % unsafe / 8 % over-refusal on the generalisation set against 33 / 18 off, and twice the "
+        "base's degenerate safe answers (11.5 %)."))
     epochs: int = Field(2, ge=1, description="Epochs in the first iteration.")
     later_epochs: int = Field(1, ge=1, description="Epochs in later iterations.")
     demonstrations_after_first: bool = Field(True, description=(
