@@ -99,15 +99,15 @@ def _covers(cfg, k: int) -> bool:
     return cfg.warmup.enabled and (k == 1 or (cfg.warmup.every_iteration and cfg.warmup.coverage_every_iteration))
 
 
-def _train_prompts(state: RunState, n: int, k: int) -> tuple[list[dict], list[dict], list[dict]]:
-    """n training prompts (data.harmful_share of them harmful), resampled each iteration, each
-    source an equal share of its kind (data.balance_sources). In a supervised round with coverage
-    also the coverage prompts, drawn from the rest and from prompts no earlier round covered:
+def _train_prompts(state: RunState, k: int) -> tuple[list[dict], list[dict], list[dict]]:
+    """Round k's training prompts (warmup.prompts in the first, data.train_prompts_per_iter later;
+    data.harmful_share of them harmful), resampled each iteration, each source an equal share of
+    its kind (data.balance_sources). In a supervised round with coverage also the coverage prompts, drawn from the rest and from prompts no earlier round covered:
     warmup.refusal_prompts harmful ones and warmup.helpful_prompts safe ones. Returns (sampled,
     refusal coverage, helpful coverage)."""
     cfg = state.cfg
     rng = np.random.default_rng(cfg.run.seed * 7919 + k)
-    picked = _sampled(state, n, rng)
+    picked = _sampled(state, _prompts_per_iter(cfg, k), rng)
     if not _covers(cfg, k):
         return picked, [], []
     # earlier rounds' coverage is recomputed, not read back: the draw is seeded, and a resumed run
@@ -229,7 +229,7 @@ def generate_samples(run_id: str, k: int) -> str:
     if (rec := st.done(k, "samples")) is not None:
         return rec["path"]
     cfg = st.cfg
-    rows, refusal, helpful = _train_prompts(st, _prompts_per_iter(cfg, k), k)
+    rows, refusal, helpful = _train_prompts(st, k)
     reps = cfg.feedback.responses_per_prompt
     # helpful coverage: one answer each (the constitution's refusal is its other candidate)
     flat = [r for r in rows for _ in range(reps)] + helpful

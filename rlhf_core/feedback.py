@@ -113,11 +113,11 @@ def refusal_negatives(samples: list[dict], scores, harm_threshold: float = 0.5,
     so; see rejection_sampling_targets). The demonstrations are candidates for every prompt, so each
     safe prompt has at least one; later iterations add the policy's own over-refusals.
     """
-    def safe(i: int, s: dict) -> bool:
-        return s["kind"] != "harmful" if by_kind else scores.harm_prob[i] < harm_threshold
-    refuses = (lambda i, s: _is_refusal(s, scores, i, refusal_threshold)) if by_kind else \
-        (lambda i, s: scores.refusal[i] >= refusal_threshold)
-    return [dict(s, judge_total=float(scores.total[i])) for i, s in enumerate(samples) if safe(i, s) and refuses(i, s)]
+    def negative(i: int, s: dict) -> bool:
+        if by_kind:
+            return s["kind"] != "harmful" and _is_refusal(s, scores, i, refusal_threshold)
+        return scores.harm_prob[i] < harm_threshold and scores.refusal[i] >= refusal_threshold
+    return [dict(s, judge_total=float(scores.total[i])) for i, s in enumerate(samples) if negative(i, s)]
 
 
 def preference_stats(rows: list[dict]) -> dict:
