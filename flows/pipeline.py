@@ -102,9 +102,10 @@ def _covers(cfg, k: int) -> bool:
 def _train_prompts(state: RunState, k: int) -> tuple[list[dict], list[dict], list[dict]]:
     """Round k's training prompts (warmup.prompts in the first, data.train_prompts_per_iter later;
     data.harmful_share of them harmful), resampled each iteration, each source an equal share of
-    its kind (data.balance_sources). In a supervised round with coverage also the coverage prompts, drawn from the rest and from prompts no earlier round covered:
-    warmup.refusal_prompts harmful ones and warmup.helpful_prompts safe ones. Returns (sampled,
-    refusal coverage, helpful coverage)."""
+    its kind (data.balance_sources). In a supervised round with coverage also the coverage
+    prompts, drawn from the rest and from prompts no earlier round covered: warmup.refusal_prompts
+    harmful ones and warmup.helpful_prompts safe ones. Returns (sampled, refusal coverage, helpful
+    coverage)."""
     cfg = state.cfg
     rng = np.random.default_rng(cfg.run.seed * 7919 + k)
     picked = _sampled(state, _prompts_per_iter(cfg, k), rng)
