@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 EPILOG = """\
 examples:
@@ -304,13 +305,38 @@ def _print_result(console, title: str, results: dict, run_dir: str) -> None:
     console.print(f"Run folder: [bold]{run_dir}[/]  (manifest.json, report.md, iter_*/…parquet, policy adapters)")
 
 
+def _until_interrupted(console, run_dir, call):
+    """`call()` with Ctrl-C / SIGTERM stopping it cleanly (flows/interrupt.py). Interrupted: one
+    line that says how to go on, and exit status 130 (SIGINT) or 143 (SIGTERM)."""
+    import json
+
+    from prefect.exceptions import TerminationSignal
+
+    from flows import interrupt
+    try:
+        with interrupt.stop_on_signals():
+            interrupt.start_embedded_prefect_server()
+            return call()
+    except (KeyboardInterrupt, TerminationSignal) as e:
+        signum = interrupt.received() or getattr(e, "signal", 2)
+        try:
+            manifest = json.loads((Path(run_dir) / "manifest.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            manifest = {}
+        after = (manifest.get("interrupted") or {}).get("last_completed_stage") or "start-up"
+        how = (f"continue it with: alignflow resume {run_dir}" if manifest.get("flow", "rlhf_pipeline") == "rlhf_pipeline"
+               else f"partial outputs are in {run_dir}")
+        console.print(f"[yellow]interrupted[/] ({'Ctrl-C' if signum == 2 else 'SIGTERM'}) after {after}; "
+                      f"nothing was registered; {how}", highlight=False, soft_wrap=True)
+        raise SystemExit(128 + signum) from None
+
+
 def _resume_main(console, args: argparse.Namespace) -> int:
     import torch
     torch.set_num_threads(1)  # the driver only coordinates; actors own the cores
     from rich.markup import escape
 
-    from flows.pipeline import rlhf_pipeline
-    from flows.resume import ResumeError, load_run
+    from flows.resume import ResumeError, load_run, pipeline_restarting
     from rlhf_core.config import ConfigError
     try:
         state = load_run(args.run, args.runs_dir)
@@ -319,7 +345,8 @@ def _resume_main(console, args: argparse.Namespace) -> int:
         return 2
     console.print(f"resuming run [bold]{state.run_id}[/] in {state.run_dir}", highlight=False)
     try:
-        out = rlhf_pipeline(state.cfg, run_id=state.run_id, show_progress=False if args.no_progress else None)
+        out = _until_interrupted(console, state.run_dir, lambda: pipeline_restarting(
+            state, show_progress=False if args.no_progress else None))
     except Exception:
         console.print(f"[red]run failed[/]; partial outputs and manifest.json (status: failed) are in {state.run_dir}")
         raise
@@ -401,7 +428,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     torch.set_num_threads(1)  # the driver only coordinates; actors own the cores
     from flows.human_feedback import HumanFeedbackError
-    from flows.pipeline import eval_flow, prepare_run, rlhf_pipeline
+    from flows.pipeline import eval_flow, prepare_run
+    from flows.resume import pipeline_restarting
     from rlhf_core.schemas import SchemaError
     show = False if args.no_progress else None
     if args.command == "eval":
@@ -423,16 +451,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         if args.command == "run":
-            out = rlhf_pipeline(cfg, run_id=state.run_id, show_progress=show)
+            out = _until_interrupted(console, state.run_dir, lambda: pipeline_restarting(state, show))
             _print_result(console, f"alignflow run {out['run_id']}: base vs final policy", out["results"],
                           out["run_dir"])
         elif args.command == "dpo":
             from flows.dpo import dpo_flow
-            out = dpo_flow(cfg, run_id=state.run_id, show_progress=show)
+            out = _until_interrupted(console, state.run_dir,
+                                     lambda: dpo_flow(cfg, run_id=state.run_id, show_progress=show))
             _print_result(console, f"alignflow dpo {out['run_id']}: base vs {cfg.dpo.loss} policy", out["results"],
                           out["run_dir"])
         else:
-            out = eval_flow(cfg, adapter=args.adapter, run_id=state.run_id, show_progress=show)
+            out = _until_interrupted(console, state.run_dir, lambda: eval_flow(
+                cfg, adapter=args.adapter, run_id=state.run_id, show_progress=show))
             _print_result(console, f"alignflow eval: {cfg.policy.model}", {0: out["metrics"]}, out["run_dir"])
     except Exception:
         console.print(f"[red]run failed[/]; partial outputs and manifest.json (status: failed) are in {state.run_dir}")

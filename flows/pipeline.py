@@ -18,14 +18,16 @@
 from __future__ import annotations
 
 import os
+import signal
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 from prefect import flow
+from prefect.exceptions import TerminationSignal
 
-from flows import artifacts, report, timeline
+from flows import artifacts, interrupt, report, timeline
 from flows.artifacts import artifact_key
 from flows.guard import check_reward_hacking, roll_back
 from flows.human_feedback import check_ready as check_human_feedback_ready
@@ -164,6 +166,7 @@ def start_workers(run_id: str) -> dict:
     st = RUNS[run_id]
     cfg = st.cfg
     resources = init_ray(cfg.resources.ray_address)
+    interrupt.reclaim_sigterm()
     policy_path = resolve_model_path(cfg.policy.model)
     encoder_path = resolve_encoder_path(cfg.feedback.encoder)
     rm_path = resolve_encoder_path(resolve_model_path(cfg.reward_model.model))
@@ -506,6 +509,15 @@ def managed_run(cfg: AlignflowConfig, run_id: str | None, show_progress: bool | 
     try:
         with st.progress:
             yield st
+    except (KeyboardInterrupt, TerminationSignal) as e:
+        # Ctrl-C / SIGTERM (flows/interrupt.py): resumable from the last completed stage
+        # the signal handler's record: what reaches here may be a KeyboardInterrupt re-raised on the way
+        signum = interrupt.received() or getattr(e, "signal", signal.SIGINT)
+        interrupt.note(signum)
+        st.manifest["status"] = "interrupted"
+        st.manifest["interrupted"] = {"signal": signal.Signals(signum).name, "at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                      "last_completed_stage": st.last_completed}
+        raise
     except BaseException:
         st.manifest["status"] = "failed"
         raise
@@ -515,6 +527,7 @@ def managed_run(cfg: AlignflowConfig, run_id: str | None, show_progress: bool | 
         if st.workers is not None:
             st.workers.shutdown()
         RUNS.pop(st.run_id, None)
+        interrupt.mark_cleaned()
 
 
 def write_report(st: RunState, md: str, description: str) -> None:

@@ -24,7 +24,36 @@ class ResumeError(RuntimeError):
     pass
 
 
-def load_run(run: str, output_dir: str = "runs") -> RunState:
+def lost_actor(e: BaseException | None) -> str | None:
+    """What Ray said about the lost actor behind `e` (its cause chain), or None if no actor was lost."""
+    import ray
+    while e is not None:
+        if isinstance(e, ray.exceptions.RayActorError):
+            return next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def pipeline_restarting(state: RunState, show_progress: bool | None) -> dict:
+    """`rlhf_pipeline` on a prepared run; when it fails because an actor was lost (a trainer rank:
+    Ray restarts only the pools' actors), up to resources.trainer_restarts times: every actor anew,
+    continuing from the last completed stage and PPO step checkpoint, as `alignflow resume` does."""
+    from flows.pipeline import rlhf_pipeline
+    restarts = state.cfg.resources.trainer_restarts
+    for attempt in range(restarts + 1):
+        try:
+            return rlhf_pipeline(state.cfg, run_id=state.run_id, show_progress=show_progress)
+        except Exception as e:
+            why = lost_actor(e)
+            if why is None or attempt == restarts:
+                raise
+            print(f"ALERT: an actor was lost ({why}). Restarting every actor and continuing from the last "
+                  f"completed stage (restart {attempt + 1} of {restarts}, resources.trainer_restarts)", flush=True)
+            state = load_run(str(state.run_dir), reason=f"lost actor: {why}")
+    raise AssertionError("unreachable")
+
+
+def load_run(run: str, output_dir: str = "runs", reason: str | None = None) -> RunState:
     """The state of an interrupted run (`run`: its folder, or its id under `output_dir`), to resume.
 
     The run continues with the config it started with; its prompts file must be the one recorded.
@@ -56,7 +85,8 @@ def load_run(run: str, output_dir: str = "runs") -> RunState:
     state = RunState(run_id=manifest["run_id"], run_dir=run_dir, cfg=cfg, manifest=manifest,
                      prompts=schemas.read_table(prompts, schemas.PROMPTS).to_pylist())
     manifest.setdefault("resumed", []).append({"at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                                               "status_before": manifest.get("status", "running")})
+                                               "status_before": manifest.get("status", "running"),
+                                               **({"automatic": reason} if reason else {})})
     manifest["status"] = "running"
     manifest.setdefault("timelines", []).append(timeline.new_timeline())
     state.save_manifest()

@@ -32,12 +32,15 @@ def stage(fn=None, **options):
     @functools.wraps(fn)
     def timed(run_id: str, *args, **kwargs):
         t0 = time.time()
+        k = kwargs.get("k", args[0] if args and isinstance(args[0], int) else None)
         try:
-            return fn(run_id, *args, **kwargs)
+            out = fn(run_id, *args, **kwargs)
         finally:
             if run_id in RUNS:
-                k = kwargs.get("k", args[0] if args and isinstance(args[0], int) else None)
                 RUNS[run_id].time_stage(fn.__name__, k, t0, time.time())
+        if run_id in RUNS:
+            RUNS[run_id].last_completed = fn.__name__ if k is None else f"{fn.__name__} (iteration {k})"
+        return out
 
     return task(**STAGE, **options)(timed)
 
@@ -51,6 +54,7 @@ class RunState:
     workers: object = None          # workers.controller.RLHFWorkers
     progress: object = None         # flows.progress.ProgressUI
     prompts: list = field(default_factory=list)   # rows of schemas.PROMPTS
+    last_completed: str | None = None   # this process's last finished stage, for an interruption's record
 
     def iter_dir(self, k: int) -> Path:
         d = self.run_dir / f"iter_{k}"

@@ -350,8 +350,11 @@ class ResourcesConfig(_Section):
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field("PACK", description=(
         "Ray placement strategy of the data-parallel trainer ranks: PACK on few nodes, SPREAD across nodes."))
     max_restarts: int = Field(2, ge=0, description=(
-        "Restarts of a lost rollout or feedback actor; its shard is redone each time. Trainers are not "
-        "restarted: losing one fails the run, and `alignflow resume RUN_ID` continues it from its checkpoints."))
+        "Restarts of a lost rollout or feedback actor; its shard is redone each time."))
+    trainer_restarts: int = Field(2, ge=0, description=(
+        "Times `alignflow run`/`resume` restarts every actor after losing one that Ray cannot restart (a "
+        "policy, reward- or cost-model trainer rank: its weights and optimizer live only in it) and continues "
+        "from the last completed stage and PPO step checkpoint, as `alignflow resume` would. 0: the run fails."))
 
 
 class RegistryConfig(_Section):

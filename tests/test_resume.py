@@ -101,6 +101,92 @@ def _assert_close(got, want, where: str) -> None:
         assert got == want, where
 
 
+def test_ctrl_c_stops_the_run_cleanly_and_it_resumes(tmp_path):
+    """A terminal's Ctrl-C (SIGINT to the whole foreground process group, Prefect's embedded server
+    included) during a run: it stops, the manifest says interrupted after the last completed
+    stage, nothing is registered, the Prefect flow run ends Crashed, one line says how to resume;
+    and the resume completes. Before the fix the server died, the run went on, and it ended
+    "failed" after minutes of retries."""
+    import sqlite3
+    root, log = tmp_path / "runs", tmp_path / "run.log"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PREFECT_HOME=str(tmp_path / "prefect_home"),
+               PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    args = [sys.executable, "-m", "flows.cli", "run", "--config", str(TINY), "--no-progress",
+            "--set", f"run.output_dir={root}"] + [x for s in SETTINGS for x in ("--set", s)]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        run_dir = _wait_for(root, proc, log, ("0", "eval"), timeout=300)
+        os.killpg(proc.pid, signal.SIGINT)            # what a terminal does on Ctrl-C
+        code = proc.wait(timeout=90)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    text = log.read_text()
+    assert code == 130, text[-3000:]
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "interrupted", text[-3000:]
+    assert manifest["interrupted"]["signal"] == "SIGINT"
+    assert manifest["interrupted"]["last_completed_stage"].startswith(("evaluate (iteration 0)", "generate_samples"))
+    assert "registry" not in manifest and not (root / "registry.json").exists()
+    lines = [ln for ln in text.splitlines() if "interrupted" in ln]
+    assert len(lines) == 1 and f"alignflow resume {run_dir}" in lines[0], text[-3000:]
+    assert "Traceback" not in text and "ERROR" not in text, text[-3000:]
+    with sqlite3.connect(tmp_path / "prefect_home" / "prefect.db") as db:
+        assert db.execute("select state_type from flow_run").fetchall() == [("CRASHED",)]
+
+    r = subprocess.run([sys.executable, "-m", "flows.cli", "resume", str(run_dir), "--no-progress"], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    after = json.loads((run_dir / "manifest.json").read_text())
+    assert after["status"] == "completed" and after["resumed"][0]["status_before"] == "interrupted"
+    assert after["iterations"]["0"]["eval"] == manifest["iterations"]["0"]["eval"]   # kept, not redone
+
+
+def _descendant(pid: int, title: str, timeout: float):
+    """A process under `pid` (its Ray cluster's workers) whose title starts with `title`."""
+    import psutil
+    end = time.time() + timeout
+    while time.time() < end:
+        for child in psutil.Process(pid).children(recursive=True):
+            try:
+                if " ".join(child.cmdline()).startswith(title):
+                    return child
+            except psutil.Error:
+                continue
+        time.sleep(0.2)
+    pytest.fail(f"no {title} process under {pid} within {timeout}s")
+
+
+def test_a_killed_trainer_is_restarted_and_the_run_completes(tmp_path):
+    """SIGKILL the policy trainer (by PID) after iteration 1's samples are judged: the run restarts
+    every actor, continues from the stages it recorded, and completes on its own."""
+    root, log = tmp_path / "runs", tmp_path / "run.log"
+    args = [sys.executable, "-m", "flows.cli", "run", "--config", str(TINY), "--no-progress",
+            "--set", f"run.output_dir={root}"] + [x for s in SETTINGS for x in ("--set", s)]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(args, cwd=ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1"), stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        run_dir = _wait_for(root, proc, log, ("1", "preferences"), timeout=300)
+        trainer = _descendant(proc.pid, "ray::PolicyTrainerActor", timeout=30)
+        trainer.kill()
+        code = proc.wait(timeout=600)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    text = log.read_text()
+    assert code == 0, text[-4000:]
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "completed"
+    assert len(manifest["resumed"]) == 1 and manifest["resumed"][0]["status_before"] == "failed"
+    assert "lost actor" in manifest["resumed"][0]["automatic"]
+    assert "ALERT: an actor was lost" in text
+    assert "samples" in manifest["iterations"]["1"] and "policy" in manifest["iterations"]["1"]
+
+
 def test_resume_refuses_what_it_cannot_continue(tmp_path):
     from flows.resume import ResumeError, load_run
     with pytest.raises(ResumeError, match="no run there"):
