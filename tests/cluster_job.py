@@ -1,11 +1,10 @@
 """Run by tests/test_cluster.py in a fresh process (a test session already has its own local Ray).
 
     python tests/cluster_job.py multinode OUT_DIR   # a 2-node cluster simulated on this machine
-    python tests/cluster_job.py connect OUT_DIR     # join the cluster at RAY_ADDRESS
 
-Both start alignflow's two data-parallel reward-model ranks the way RLHFWorkers does (placement
-group, STRICT_SPREAD: one per node when there are two nodes; one gloo group), train the reward
-model, and print one JSON line with where the ranks ran and what they trained.
+It starts alignflow's two data-parallel reward-model ranks the way RLHFWorkers does (placement
+group, STRICT_SPREAD: one per node; one gloo group), trains the reward model, and prints one JSON
+line with where the ranks ran and what they trained.
 """
 import json
 import sys
@@ -22,17 +21,14 @@ def main() -> None:
     from rlhf_core.config import load_config
     from rlhf_core.models import minilm_folder
     from workers.cluster import init_ray, start_reward_trainers
-    cluster = None
-    strategy = "PACK"
-    if mode == "multinode":
-        from ray.cluster_utils import Cluster
-        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-        cluster.add_node(num_cpus=1)
-        cluster.wait_for_nodes()
-        init_ray(cluster.address)
-        strategy = "STRICT_SPREAD"
-    else:
-        init_ray(None)                        # RAY_ADDRESS names the cluster
+    if mode != "multinode":
+        raise SystemExit(f"unknown mode {mode!r}")
+    from ray.cluster_utils import Cluster
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    init_ray(cluster.address)
+    strategy = "STRICT_SPREAD"
     cfg = load_config(ROOT / "tests" / "configs" / "tiny.yaml",
                       ["resources.reward_model_trainers=2", f"resources.placement_strategy={strategy}",
                        "reward_model.dropout=0"])
@@ -47,8 +43,7 @@ def main() -> None:
                           "placement": placement is not None}))
     finally:
         ray.shutdown()
-        if cluster is not None:
-            cluster.shutdown()
+        cluster.shutdown()
 
 
 if __name__ == "__main__":
