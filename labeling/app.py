@@ -118,10 +118,12 @@ _CONFLICT = {409: {"model": Error, "description": "Already labeled or skipped, o
 
 class BodyLimit:
     """ASGI middleware: 413 for a request body over `limit` bytes, by its Content-Length or, for a
-    chunked one, as it arrives; a body within the limit is handed on unchanged."""
+    chunked one, as it arrives; a body within the limit is handed on unchanged. `reply(limit)` is
+    the 413's JSON body (the judge server answers in OpenAI's error shape)."""
 
-    def __init__(self, app, limit: int = MAX_BODY_BYTES):
+    def __init__(self, app, limit: int = MAX_BODY_BYTES, reply=None):
         self.app, self.limit = app, limit
+        self.reply = reply or (lambda n: {"detail": f"request body over {n} bytes"})
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -151,7 +153,7 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
     async def _too_large(self, scope, receive, send) -> None:
-        response = JSONResponse({"detail": f"request body over {self.limit} bytes"}, status_code=413,
+        response = JSONResponse(self.reply(self.limit), status_code=413,
                                 headers={"Connection": "close"})
         await response(scope, receive, send)
 

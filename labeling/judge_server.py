@@ -21,9 +21,14 @@ from jinja2 import TemplateError
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from labeling.app import BodyLimit
+
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8766
 DEFAULT_MAX_NEW_TOKENS = 512
+# A judge request is a rubric, a prompt and an answer: tens of kB at a model's whole context. A
+# body is parsed in full before validation, so a limit keeps one client from filling the memory.
+MAX_BODY_BYTES = 1024 * 1024
 
 
 class Message(BaseModel):
@@ -53,11 +58,14 @@ class _ClientError(Exception):
         self.status, self.param, self.code = status, param, code
 
 
-def _error(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+def _error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
     """OpenAI's error body, so OpenAI clients surface the message instead of a parse failure."""
     kind = "invalid_request_error" if status < 500 else "server_error"
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
-                        status_code=status)
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def _error(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+    return JSONResponse(_error_body(status, message, param, code), status_code=status)
 
 
 def create_app(model_path: str | Path, device: str = "cpu", max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
@@ -91,6 +99,8 @@ def create_app(model_path: str | Path, device: str = "cpu", max_new_tokens: int 
     # No /docs or /redoc: they load Swagger UI from a CDN, which offline machines cannot reach.
     app = FastAPI(title="alignflow judge server", version="1", docs_url=None, redoc_url=None,
                   description=f"OpenAI-compatible chat completions for {name}.")
+    app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES, reply=lambda n: _error_body(
+        413, f"the request body is over {n} bytes", code="request_too_large"))
 
     @app.exception_handler(RequestValidationError)
     def _invalid(_: Request, e: RequestValidationError) -> JSONResponse:
@@ -123,7 +133,8 @@ def create_app(model_path: str | Path, device: str = "cpu", max_new_tokens: int 
         if req.model != name:
             # Strict, unlike some local servers: the client records the model name as the annotator,
             # so a label must never be attributed to a model that did not give it.
-            raise _ClientError(404, f"model {req.model!r} is not served here; this server serves {name!r}",
+            asked = req.model if len(req.model) <= 80 else req.model[:80] + "…"   # not the whole input back
+            raise _ClientError(404, f"model {asked!r} is not served here; this server serves {name!r}",
                                "model", "model_not_found")
         limit = req.max_tokens or max_new_tokens
         if limit > max_new_tokens:

@@ -103,6 +103,18 @@ def test_server_rejects_a_body_that_is_not_json(judge_url):
     assert r.status_code == 422 and "not valid JSON" in r.json()["error"]["message"]
 
 
+def test_server_refuses_a_huge_body_and_never_echoes_the_input(judge_url):
+    from labeling.judge_server import MAX_BODY_BYTES
+    huge = "x" * (MAX_BODY_BYTES + 1)
+    r = _chat(judge_url, messages=[{"role": "user", "content": huge}])
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large" and len(r.content) < 500
+    r = _chat(judge_url, model="m" * 100_000)                      # within the limit, but no such model
+    assert r.status_code == 404 and len(r.content) < 500 and r.json()["error"]["param"] == "model"
+    r = _chat(judge_url, temperature="y" * 100_000)
+    assert r.status_code == 422 and len(r.content) < 500 and r.json()["error"]["param"] == "temperature"
+    assert _chat(judge_url, temperature=0, max_tokens=2).status_code == 200     # and it still serves
+
+
 # --------------------------------------------------------------------------------------------
 # The annotator against the server
 # --------------------------------------------------------------------------------------------
