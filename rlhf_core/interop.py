@@ -205,7 +205,6 @@ def _needs(name: str) -> str:
 # ---------------------------------------------------------------------------- files
 
 def _jsonl_records(path: Path) -> Iterator[tuple[str, int, dict]]:
-    offset = 0
     with open(path, "rb") as fh:
         # Binary lines split on b"\n" only; str.splitlines would also split inside JSON strings
         # holding U+2028 and friends, and misnumber every line after.
@@ -213,9 +212,9 @@ def _jsonl_records(path: Path) -> Iterator[tuple[str, int, dict]]:
             where = f"{path} line {n}"
             try:
                 line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise PreferenceFormatError(f"{where}: not valid UTF-8 at byte {offset + e.start}") from e
-            offset += len(raw)
+            except UnicodeDecodeError as e:     # the line and column an editor shows, not a byte offset
+                column = len(raw[:e.start].decode("utf-8", errors="replace")) + 1
+                raise PreferenceFormatError(f"{where}: not valid UTF-8 at column {column} ({e.reason})") from e
             if n == 1:
                 line = line.removeprefix("\ufeff")  # byte-order mark some editors write
             if not line.strip():

@@ -176,7 +176,8 @@ def test_bad_records_name_file_line_and_field(tmp_path, fmt, lines, message):
     (b'[{"prompt": "a", "chosen": "b", "rejected": "c"}]\n', "line 1: expected a JSON object, got list; the file"),
     (b'[\n  {"prompt": "a", "chosen": "b", "rejected": "c"}\n]\n', "line 1: not valid JSON (Expecting value"),
     (b'{"prompt": "a", "chosen": "b", "rejected": "c"}\n"x"\n', "line 2: expected a JSON object, got str"),
-    (b'{"prompt": "ok", "chosen": "b", "rejected": "c"}\n{"prompt": "caf\xe9"}\n', "line 2: not valid UTF-8 at byte 64"),
+    (b'{"prompt": "ok", "chosen": "b", "rejected": "c"}\n{"prompt": "caf\xe9"}\n',
+     "line 2: not valid UTF-8 at column 16 (invalid continuation byte)"),
     (b"", ": empty file"),
     (b"\n  \n", ": empty file"),
 ])
