@@ -307,7 +307,8 @@ def _print_result(console, title: str, results: dict, run_dir: str) -> None:
 
 def _until_interrupted(console, run_dir, call):
     """`call()` with Ctrl-C / SIGTERM stopping it cleanly (flows/interrupt.py). Interrupted: one
-    line that says how to go on, and exit status 130 (SIGINT) or 143 (SIGTERM)."""
+    line that says how to go on, and exit status 130 (SIGINT) or 143 (SIGTERM). `run_dir` None:
+    a retrain, whose folder is made inside the flow and which starts afresh rather than resumes."""
     import json
 
     from prefect.exceptions import TerminationSignal
@@ -319,15 +320,23 @@ def _until_interrupted(console, run_dir, call):
             return call()
     except (KeyboardInterrupt, TerminationSignal) as e:
         signum = interrupt.received() or getattr(e, "signal", 2)
+        signal_name = "Ctrl-C" if signum == 2 else "SIGTERM"
+        if run_dir is None:
+            console.print(f"[yellow]interrupted[/] ({signal_name}); the labels stay new until a retrain completes: "
+                          "run `alignflow retrain` again", highlight=False, soft_wrap=True)
+            raise SystemExit(128 + signum) from None
         try:
             manifest = json.loads((Path(run_dir) / "manifest.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
             manifest = {}
         after = (manifest.get("interrupted") or {}).get("last_completed_stage") or "start-up"
+        registered = manifest.get("registry")        # only a run that completed registers
+        done = (f"{registered['version']} was registered ({registered['stage']})" if registered
+                else "nothing was registered")
         how = (f"continue it with: alignflow resume {run_dir}" if manifest.get("flow", "rlhf_pipeline") == "rlhf_pipeline"
                else f"partial outputs are in {run_dir}")
-        console.print(f"[yellow]interrupted[/] ({'Ctrl-C' if signum == 2 else 'SIGTERM'}) after {after}; "
-                      f"nothing was registered; {how}", highlight=False, soft_wrap=True)
+        console.print(f"[yellow]interrupted[/] ({signal_name}) after {after}; {done}; {how}",
+                      highlight=False, soft_wrap=True)
         raise SystemExit(128 + signum) from None
 
 
@@ -362,8 +371,8 @@ def _retrain_main(console, args: argparse.Namespace) -> int:
 
     from flows.retrain import RetrainError, retrain
     try:
-        out = retrain(config_path=args.config, overrides=args.overrides,
-                      show_progress=False if args.no_progress else None)
+        out = _until_interrupted(console, None, lambda: retrain(
+            config_path=args.config, overrides=args.overrides, show_progress=False if args.no_progress else None))
     except RetrainError as e:
         console.print(f"[red]error:[/] {escape(str(e))}")
         return 2

@@ -92,6 +92,9 @@ def start_embedded_prefect_server() -> None:
     if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
         return
     from prefect.server.api.server import SubprocessASGIServer
+    # Its telemetry heartbeat cannot reach Prefect from an offline machine, and on a fresh
+    # PREFECT_HOME it races the database set-up into a logged traceback on a user's first run.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         SubprocessASGIServer().start()   # the instance Prefect's client looks up later

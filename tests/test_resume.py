@@ -109,8 +109,7 @@ def test_ctrl_c_stops_the_run_cleanly_and_it_resumes(tmp_path):
     "failed" after minutes of retries."""
     import sqlite3
     root, log = tmp_path / "runs", tmp_path / "run.log"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PREFECT_HOME=str(tmp_path / "prefect_home"),
-               PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PREFECT_HOME=str(tmp_path / "prefect_home"))
     args = [sys.executable, "-m", "flows.cli", "run", "--config", str(TINY), "--no-progress",
             "--set", f"run.output_dir={root}"] + [x for s in SETTINGS for x in ("--set", s)]
     with open(log, "w") as out:
