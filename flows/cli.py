@@ -43,11 +43,20 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars (also off when not a terminal)")
 
 
+def _version() -> str:
+    import importlib.metadata
+    try:
+        return importlib.metadata.version("alignflow")
+    except importlib.metadata.PackageNotFoundError:     # run from a checkout that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="alignflow", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
         description="alignflow: RLHF that makes a language model less harmful without making it refuse "
                     "safe requests. Stages run as Ray actors under a Prefect flow.")
+    parser.add_argument("--version", action="version", version=f"alignflow {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="run the RLHF pipeline (default: the embedded default run)",
@@ -395,7 +404,11 @@ def _check_inputs(cfg, args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    if not (sys.argv[1:] if argv is None else argv):     # a bare `alignflow`: what it can do
+        parser.print_help()
+        return 0
+    args = parser.parse_args(argv)
     if args.command in ("label", "annotators"):
         return _labeling_main(args)
     if args.command == "models":

