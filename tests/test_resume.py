@@ -132,6 +132,8 @@ def test_ctrl_c_stops_the_run_cleanly_and_it_resumes(tmp_path):
     lines = [ln for ln in text.splitlines() if "interrupted" in ln]
     assert len(lines) == 1 and f"alignflow resume {run_dir}" in lines[0], text[-3000:]
     assert "Traceback" not in text and "ERROR" not in text, text[-3000:]
+    # a log file reads as text: no colour codes, no notices about Ray's or Prefect's defaults
+    assert "\x1b[" not in text and "Token authentication" not in text and "telemetry" not in text, text[:3000]
     with sqlite3.connect(tmp_path / "prefect_home" / "prefect.db") as db:
         assert db.execute("select state_type from flow_run").fetchall() == [("CRASHED",)]
 

@@ -4,6 +4,7 @@ plus a torch.distributed process group).
 """
 from __future__ import annotations
 
+import logging
 import os
 
 import ray
@@ -37,6 +38,11 @@ def wait_ready(actor, timeout: float, what: str) -> None:
             raise ActorCallError(f"{what}: no answer within {timeout:.0f}s (resources.actor_timeout_s)") from e
 
 
+class _TokenAuthNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
+
+
 def init_ray(address: str | None, num_cpus: int | None = None) -> dict:
     """Connect to `address` / RAY_ADDRESS if given, else start a local Ray without the dashboard."""
     if ray.is_initialized():
@@ -56,6 +62,10 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> dict:
         # ARE the computation, so they run at the driver's priority (bench/rollout_throughput.py:
         # 114 → 117 tokens/s against 119 for plain `generate`, docs/benchmarks.md).
         os.environ.setdefault("RAY_worker_niceness", "0")
+        # Ray turns token auth on for a local instance where ~/.ray/auth_token exists, and says so
+        # at WARNING on every run; its choice stands, the notice is dropped (an explicit
+        # RAY_AUTH_MODE, or a token auth that is off, still gets Ray's own words).
+        logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_TokenAuthNotice())
         # address="local": never join a stale cluster file left by a killed test.
         ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
                  runtime_env=env, log_to_driver=True)
