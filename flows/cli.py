@@ -17,6 +17,7 @@ examples:
   alignflow dpo --preferences runs/<run_id>/iter_1/preferences.parquet --set dpo.loss=ipo
   alignflow config --fields                      # every key you can --set, with its default and meaning
   alignflow models list                          # registered policies, their stage and lineage
+  alignflow export <run_id> --out aligned/       # the policy as a plain Hugging Face model folder
   alignflow annotators add alice --db labels.db  # human labeling: `alignflow label --help`
   alignflow prefs import hh.jsonl --out prefs.parquet   # HH-RLHF / PKU-SafeRLHF / TRL in and out
   alignflow judge serve --model DIR              # a local chat model as OpenAI-compatible LLM judge
@@ -107,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_feedback_tools(sub)
     from flows.models_cli import add_models_commands
     add_models_commands(sub)
+    from flows.export_cli import add_export_command
+    add_export_command(sub)
     return parser
 
 
@@ -414,6 +417,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "models":
         from flows.models_cli import models_main
         return models_main(args)
+    if args.command == "export":
+        from flows.export_cli import export_main
+        return export_main(args)
     if args.command in ("judge", "prefs"):
         return _feedback_tools_main(args)
     _prepare_env()

@@ -33,6 +33,7 @@ from rlhf_core.algorithms import (
     sequence_unlikelihood_loss,
     token_level_rewards,
 )
+from rlhf_core.export import ADAPTER_README
 from rlhf_core.io import temp_dir_beside
 from rlhf_core.optim import GradSync, GuardedStep, shard_rows
 from rlhf_core.policy import Policy, RolloutBatch
@@ -313,6 +314,8 @@ class PolicyTrainer:
         tmp = temp_dir_beside(dest_p, dest_p.name + ".tmp")
         try:
             self.policy.model.save_pretrained(tmp)
+            # it looks like a PEFT adapter but is not one alone (the merged files): say so inside it
+            (tmp / "README.md").write_text(ADAPTER_README, encoding="utf-8")
             # adapters merged into the base (the warm-up) are needed to rebuild this policy
             for i, state in enumerate(self.policy.merged):
                 save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / f"merged_{i:02d}.safetensors"))
