@@ -12,6 +12,7 @@ from prefect.artifacts import (
     create_link_artifact,
     create_markdown_artifact,
     create_progress_artifact,
+    create_table_artifact,
     update_progress_artifact,
 )
 from prefect.context import FlowRunContext, TaskRunContext
@@ -40,6 +41,23 @@ def markdown(key: str, text: str, description: str) -> None:
 def link(key: str, url: str, text: str, description: str) -> None:
     _try(f"create link artifact {key}", create_link_artifact, link=url, link_text=text, key=key,
          description=description)
+
+
+def table(key: str, rows: list[dict], description: str) -> None:
+    _try(f"create table artifact {key}", create_table_artifact, table=rows, key=key, description=description)
+
+
+def name_flow_run(name: str) -> None:
+    """Name the current flow run (Prefect picks 'snobbish-skunk'): the UI then says which run it is."""
+    from prefect.client.orchestration import get_client
+    ctx = FlowRunContext.get()
+    if ctx is None or ctx.flow_run is None:
+        return
+
+    def rename():
+        with get_client(sync_client=True) as client:
+            client.update_flow_run(ctx.flow_run.id, name=name)
+    _try(f"name the flow run {name}", rename)
 
 
 def progress(key: str, percent: float, description: str) -> UUID | None:

@@ -215,6 +215,8 @@ def evaluate(run_id: str, k: int, use_adapter: bool | None = None, with_reward_m
                                schemas.EVAL_RESULTS)
     metrics = summarize(rows)
     st.record(k, "eval", {"path": str(path), "sha256": schemas.file_sha256(path), "metrics": metrics})
+    artifacts.table(artifact_key(run_id, f"iter-{k}-metrics"), report.metric_rows(metrics),
+                    f"iteration {k}: rates per prompt set, evaluation judge, Wilson 95 % intervals")
     ci = lambda key: "[{:.0f}–{:.0f}]".format(*metrics[f"{key}_ci"])  # noqa: E731
     print(f"iteration {k} ({metrics['headline_set']} set, evaluation judge): unsafe compliance "
           f"{metrics['unsafe_compliance']:.1f}% {ci('unsafe_compliance')}  over-refusal "
@@ -504,7 +506,8 @@ def managed_run(cfg: AlignflowConfig, run_id: str | None, show_progress: bool | 
     from flows.progress import ProgressUI
     st = RUNS[run_id] if run_id in RUNS else prepare_run(cfg, run_id)
     st.manifest["flow"] = flow_name
-    st.progress = ProgressUI(show_progress)
+    artifacts.name_flow_run(st.run_id)
+    st.progress = ProgressUI(show_progress, run_id=st.run_id)
     st.timeline()["flow_started"] = time.time()
     try:
         with st.progress:

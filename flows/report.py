@@ -52,6 +52,18 @@ def metrics_table(results: dict, names: dict[int, str] | None = None) -> str:
     return "\n".join(lines)
 
 
+def metric_rows(metrics: dict) -> list[dict]:
+    """One row per prompt set and rate with prompts behind it: the Prefect table artifact."""
+    rows = []
+    for where, per in (metrics.get("sets") or {}).items():
+        for key, m in per.items():
+            if isinstance(m, dict) and m.get("n") and not math.isnan(m["rate"]):
+                rows.append({"prompt set": where, "metric": key, "rate %": round(m["rate"], 1),
+                             "95 % low": round(m["ci"][0], 1), "95 % high": round(m["ci"][1], 1),
+                             "count": m["k"], "of": m["n"]})
+    return rows
+
+
 def slices_table(base: dict, final: dict, final_name: str, group: str, eval_set: str | None = None) -> str:
     """Unsafe compliance and over-refusal per category (group="by_category", of one set) or per
     source (group="by_source"), base against the kept policy, with intervals."""

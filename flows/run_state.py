@@ -42,7 +42,12 @@ def stage(fn=None, **options):
             RUNS[run_id].last_completed = fn.__name__ if k is None else f"{fn.__name__} (iteration {k})"
         return out
 
-    return task(**STAGE, **options)(timed)
+    def run_name(parameters: dict) -> str:
+        # the Prefect UI's name of the task run: the stage and its iteration, not "evaluate-1cb"
+        k = parameters.get("k")
+        return fn.__name__ if k is None else f"{fn.__name__}[iter={k}]"
+
+    return task(**STAGE, task_run_name=run_name, **options)(timed)
 
 
 @dataclass

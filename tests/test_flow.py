@@ -118,6 +118,20 @@ def test_pipeline_two_iterations(ray_local, tiny_config, tmp_path):
     assert link and f"127.0.0.1:{port}/" in link[0].data   # Prefect stores a link artifact as markdown
     assert all("unsafe" in a.data.lower() for a in arts if a.key.endswith("report"))
     assert any("human feedback:" in a.data for a in arts if a.key.endswith("iter-1"))
+    # a metrics table per evaluation, a finished progress bar per long stage, and names that say
+    # what ran: the flow run is the alignflow run, each task run its stage and iteration
+    table = next(a for a in arts if a.key == f"{run.name.lower()}-iter-2-metrics")
+    rows = json.loads(table.data) if isinstance(table.data, str) else table.data
+    assert table.type == "table" and {"prompt set", "metric", "rate %", "95 % low", "of"} <= set(rows[0])
+    bars = {a.key: float(a.data) for a in arts if a.type == "progress"}
+    assert bars[f"{run.name.lower()}-progress-iter-2-ppo"] == 100.0
+    assert bars[f"{run.name.lower()}-progress-iter-1-evaluate-greedy"] == 100.0
+    with get_client(sync_client=True) as client:
+        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+        (flow_run,) = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[run.name])))
+        task_names = {t.name for t in client.read_task_runs(flow_run_filter=FlowRunFilter(
+            id={"any_": [flow_run.id]}))}
+    assert {"start_workers", "evaluate[iter=0]", "generate_samples[iter=1]", "update_policy[iter=2]"} <= task_names
 
     # `alignflow eval --adapter` rebuilds the final policy (warm-up merged + PPO adapter) from disk:
     # its greedy answers on the held-out sets are exactly the pipeline's own final evaluation.
