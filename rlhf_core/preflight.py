@@ -7,13 +7,13 @@ import os
 from pathlib import Path
 
 from rlhf_core.config import AlignflowConfig, ConfigError
-from rlhf_core.models import DEFAULT_ENCODER, DEFAULT_POLICY, TINY_POLICY, builtin_problem
+from rlhf_core.models import DEFAULT_ENCODER, DEFAULT_POLICY, TINY_POLICIES, builtin_problem
 
 # The built-in names each key resolves (flows/pipeline.py start_workers: the reward model's backbone
 # goes through both resolvers, so it takes every one).
-POLICY_MODELS = (DEFAULT_POLICY, TINY_POLICY)
+POLICY_MODELS = (DEFAULT_POLICY, *TINY_POLICIES)
 ENCODERS = (DEFAULT_ENCODER,)
-BACKBONES = (DEFAULT_POLICY, TINY_POLICY, DEFAULT_ENCODER)
+BACKBONES = (DEFAULT_POLICY, *TINY_POLICIES, DEFAULT_ENCODER)
 
 
 def _in_hub_cache(name: str) -> bool:
