@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 from prefect import flow
 from prefect.exceptions import TerminationSignal
 
@@ -37,7 +38,7 @@ from flows.run_state import RUNS, RunState, atomic_write_text, new_run_id, stage
 from rlhf_core import evaluation, schemas
 from rlhf_core.agreement import aggregate_preferences, agreement_report
 from rlhf_core.annotators import default_panel, panel_preferences
-from rlhf_core.config import AlignflowConfig
+from rlhf_core.config import AlignflowConfig, ConfigError
 from rlhf_core.evaluation import eval_rows, summarize
 from rlhf_core.feedback import (
     annotator_id,
@@ -58,21 +59,45 @@ def prepare_run(cfg: AlignflowConfig, run_id: str | None = None) -> RunState:
     check_run(cfg)
     table = build_prompt_table(cfg.data)
     check_human_feedback_ready(cfg)
+    imported = _imported_preferences(cfg, table) if cfg.data.preferences_file else None
     run_id = run_id or new_run_id(cfg.run.name)
     run_dir = Path(cfg.run.output_dir) / run_id
     run_dir.mkdir(parents=True, exist_ok=False)
     prompts_path = schemas.write_table(table, run_dir / "prompts.parquet", schemas.PROMPTS)
     state = RunState(run_id=run_id, run_dir=run_dir, cfg=cfg, prompts=table.to_pylist())
+    data = {"prompts": {"path": str(prompts_path), "sha256": schemas.file_sha256(prompts_path)}}
+    if imported is not None:
+        path = schemas.write_table(imported[0], run_dir / "imported_preferences.parquet", schemas.PREFERENCES)
+        data["imported_preferences"] = {"path": str(path), "sha256": schemas.file_sha256(path),
+                                        "source_file": str(cfg.data.preferences_file), **imported[1]}
     counts = {f"{s}_{k}": sum(r["split"] == s and r["kind"] == k for r in state.prompts)
               for s in ("train", "eval", "generalisation") for k in schemas.PROMPT_KINDS}
     state.manifest = {"run_id": run_id, "created_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
                       "config": cfg.model_dump(), "config_hash": cfg.hash(), "seed": cfg.run.seed,
                       "split_seed": cfg.data.split_seed, "prompt_counts": counts,
-                      "data": {"prompts": {"path": str(prompts_path), "sha256": schemas.file_sha256(prompts_path)}},
-                      "iterations": {}, "timelines": [timeline.new_timeline()]}
+                      "data": data, "iterations": {}, "timelines": [timeline.new_timeline()]}
     state.save_manifest()
     RUNS[run_id] = state
     return state
+
+
+def _imported_preferences(cfg: AlignflowConfig, prompts) -> tuple:
+    """data.preferences_file, read and checked before anything starts: (its PREFERENCES table with
+    every pair that asks an evaluation prompt dropped, what the manifest records)."""
+    from rlhf_core.interop import PreferenceFormatError, read_preference_file
+    try:
+        table, fmt = read_preference_file(cfg.data.preferences_file, cfg.data.preferences_format)
+    except PreferenceFormatError as e:
+        raise ConfigError(f"data.preferences_file: {e}") from None
+    # the same request, whatever its case and spacing: it would train on what the run measures
+    norm = lambda t: " ".join(t.casefold().split())  # noqa: E731
+    held = {norm(p) for p, s in zip(prompts.column("prompt").to_pylist(), prompts.column("split").to_pylist())
+            if s != "train"}
+    keep = [norm(p) not in held for p in table.column("prompt").to_pylist()]
+    if not any(keep):
+        raise ConfigError(f"data.preferences_file: {cfg.data.preferences_file}: every pair asks an evaluation prompt")
+    return table.filter(pa.array(keep)), {"format": fmt, "pairs": sum(keep), "dropped_evaluation_prompts":
+                                          len(keep) - sum(keep)}
 
 
 def _eval_prompts(state: RunState, k: int) -> list[dict]:
@@ -379,8 +404,26 @@ def _fit_scorer(st, k: int, preferences_path: str, name: str, train, metric: str
 def train_reward_model(run_id: str, k: int, preferences_path: str) -> str:
     """Bradley–Terry reward model on this iteration's preferences, warm-started from the last one."""
     st = RUNS[run_id]
+    if "imported_preferences" in st.manifest["data"] and st.done(k, "reward_model") is None:
+        preferences_path = _with_imported(st, k, preferences_path)
     return _fit_scorer(st, k, preferences_path, "reward_model", st.workers.train_reward_model, "heldout_accuracy",
                        "held-out pair accuracy", extra=lambda pairs: _reward_model_vs_eval_judge(st, pairs))
+
+
+def _with_imported(st: RunState, k: int, preferences_path: str) -> str:
+    """This iteration's preferences plus data.preferences_file's pairs, weighted by
+    feedback.source_weights.imported: iter_<k>/reward_model_preferences.parquet."""
+    import pyarrow.compute as pc
+    ours = schemas.read_table(preferences_path, schemas.PREFERENCES)
+    imported = schemas.read_table(st.manifest["data"]["imported_preferences"]["path"], schemas.PREFERENCES)
+    w = float(st.cfg.feedback.source_weights.get("imported", 1.0))
+    imported = imported.set_column(imported.schema.get_field_index("weight"), "weight",
+                                   pc.multiply(imported.column("weight"), pa.scalar(w, pa.float32())))
+    path = schemas.write_table(pa.concat_tables([ours, imported.cast(ours.schema)]), st.iter_dir(k) / "reward_model_preferences.parquet",
+                               schemas.PREFERENCES)
+    print(f"iteration {k}: reward model trains on {ours.num_rows} pairs of this iteration and "
+          f"{imported.num_rows} imported (weight {w:g})")
+    return str(path)
 
 
 def _reward_model_vs_eval_judge(st: RunState, pairs: list[dict]) -> dict:

@@ -57,6 +57,13 @@ class DataConfig(_Section):
     harmful_file: str | None = Field(None, description="Extra harmful prompts: .jsonl/.csv/.parquet with a 'prompt' column.")
     benign_file: str | None = Field(None, description="Benign prompts file (default: the packaged set).")
     borderline_file: str | None = Field(None, description="'Sounds dangerous but is fine' prompts (default: packaged).")
+    preferences_file: str | None = Field(None, description=(
+        "Preference pairs from elsewhere (HH-RLHF, PKU-SafeRLHF or TRL .jsonl/.parquet, or alignflow's own "
+        "preferences Parquet), added to every iteration's reward-model training as source 'imported', "
+        "weighted by feedback.source_weights.imported; a TRL `margin` is kept. Pairs whose prompt is an "
+        "evaluation prompt (held-out split or generalisation set, same text) are dropped."))
+    preferences_format: Literal["auto", "alignflow", "hh-rlhf", "pku-saferlhf", "trl"] = Field("auto", description=(
+        "Format of preferences_file; 'auto' tells them apart by their fields."))
     eval_fraction: float = Field(0.25, gt=0, lt=1, description="Share of each prompt set held out for evaluation.")
     split_seed: int = Field(1234, description="Seed of the fixed train/eval split (independent of the run seed).")
     train_prompts_per_iter: int = Field(96, ge=2, description="Prompts sampled per iteration for feedback.")
@@ -141,8 +148,8 @@ class FeedbackConfig(_Section):
 
     human: HumanFeedbackConfig = Field(default_factory=HumanFeedbackConfig)
     source_weights: dict[str, float] = Field(default_factory=lambda: {s: 1.0 for s in PREFERENCE_SOURCES}, description=(
-        "Reward-model training weight of a label by its source (simulated, human, llm-judge, imported); a "
-        "missing source weighs 1. simulated=0 trains on people's labels only."))
+        "Reward-model training weight of a label by its source (simulated, human, llm-judge, imported: "
+        "data.preferences_file); a missing source weighs 1. simulated=0 trains on people's labels only."))
 
     @model_validator(mode="after")
     def _weights_known(self):

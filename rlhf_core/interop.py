@@ -6,8 +6,8 @@ Both check every record before anything is written, and fail with a PreferenceFo
 names the file, the line (JSON lines) or row (Parquet), and the field. Exports are atomic.
 
 What a format cannot hold is dropped on export (scores, weights, soft labels, annotators), and
-what PREFERENCES cannot hold is dropped on import (TRL's `margin`, PKU's extra fields);
-everything else round-trips unchanged.
+what PREFERENCES cannot hold is dropped on import (PKU's extra fields); TRL's `margin` is kept
+(the reward model's loss uses it); everything else round-trips unchanged.
 """
 from __future__ import annotations
 
@@ -146,13 +146,14 @@ def _pku_build(pair: dict, where: str) -> dict:
 
 def _trl_parse(rec: dict, where: str) -> dict:
     margin = rec.get("margin")
-    # Checked, then dropped: PREFERENCES has no margin column, and score_a/score_b are judge
-    # totals, which a margin is not.
+    # Kept in its own column (the reward model's loss uses it), not as score_a/score_b: those are
+    # judge totals, which a margin is not.
     if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))
                                or not math.isfinite(margin)):
         raise PreferenceFormatError(f"{where}: field 'margin' must be a finite number, got {_show(margin)}")
     return {"prompt": _text(rec, "prompt", where), "response_a": _text(rec, "chosen", where),
-            "response_b": _text(rec, "rejected", where), "better": 0}
+            "response_b": _text(rec, "rejected", where), "better": 0,
+            "margin": None if margin is None else float(margin)}
 
 
 def _trl_build(pair: dict, where: str) -> dict:
@@ -312,6 +313,31 @@ def import_preferences(path: str | Path, fmt: str, annotator: str | None = None)
     return from_rows(rows, PREFERENCES, str(path))
 
 
+def read_preference_file(path: str | Path, fmt: str = "auto") -> tuple[pa.Table, str]:
+    """A preference file of any format here, or alignflow's own PREFERENCES Parquet ("alignflow"),
+    as a PREFERENCES table whose every row is `source: imported`; and the format it was read as.
+    "auto": alignflow's Parquet by its columns, else `detect_format`."""
+    path = Path(path)
+    if fmt == "auto" and path.suffix.lower() == ".parquet" and path.is_file():
+        try:
+            names = set(pq.read_schema(path).names)
+        except (OSError, pa.ArrowException) as e:
+            raise PreferenceFormatError(f"{path}: not a readable Parquet file ({e})") from e
+        if {"pair_id", "response_a", "response_b", "better"} <= names:
+            fmt = "alignflow"
+    if fmt == "alignflow":
+        try:
+            table = read_table(path, PREFERENCES)
+        except (OSError, pa.ArrowException, ValueError) as e:
+            raise PreferenceFormatError(f"{path}: {e}") from e
+        if not table.num_rows:
+            raise PreferenceFormatError(f"{path}: empty file, no preference records")
+        return table.set_column(table.schema.get_field_index("source"), "source",
+                                pa.array(["imported"] * table.num_rows)), fmt
+    fmt = detect_format(path) if fmt == "auto" else fmt
+    return import_preferences(path, fmt), fmt
+
+
 def export_preferences(table_or_path: pa.Table | str | Path, dest: str | Path, fmt: str, *,
                        with_margin: bool = False) -> dict:
     """Write PREFERENCES pairs to `dest` in format `fmt`; returns {"written": n, "skipped_ties": n}.
@@ -336,7 +362,9 @@ def export_preferences(table_or_path: pa.Table | str | Path, dest: str | Path, f
         for field in ("prompt", "response_a", "response_b"):
             _text(pair, field, where)  # an empty text would export a record no importer accepts
         rec = spec.build(pair, where)
-        if with_margin:
+        if with_margin and pair.get("margin") is not None:      # imported with one: kept as it came
+            rec["margin"] = pair["margin"]
+        elif with_margin:
             unscored = [k for k in ("score_a", "score_b") if pair[k] is None]
             if unscored:
                 raise PreferenceFormatError(f"{where}: field {unscored[0]!r} is null; with_margin needs judge "

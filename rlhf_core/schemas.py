@@ -65,6 +65,8 @@ PREFERENCES = pa.schema([
     _f("display_order", pa.string(), "'ab' if response_a was shown on the left, 'ba' if on the right (people).", True),
     _f("labeled_at", pa.timestamp("us", tz="UTC"), "When the label was given (null for simulated labels).", True),
     _f("soft_label", pa.float32(), "P(response_a is better) after aggregation; null = use `better`.", True),
+    _f("margin", pa.float32(), "Reward gap the better answer must win by (TRL's `margin`); null = "
+       "reward_model.margin.", True),
     _f("weight", pa.float32(), "Training weight of the pair."),
 ])
 

@@ -287,3 +287,42 @@ def test_safe_rlhf_with_ensemble_and_a_guard_that_stops(ray_local, tiny_config, 
     assert costs and all(c is not None for c in costs)
     report = (run / "report.md").read_text()
     assert "stopped it at iteration 1" in report and "kl_budget" in report
+
+
+def test_imported_preferences_join_every_reward_model(ray_local, tiny_config, tmp_path):
+    """data.preferences_file (TRL with margins): its pairs train the reward model beside the run's
+    own, weighted by source_weights.imported, margins kept; a pair asking an evaluation prompt is
+    dropped before anything starts."""
+    from flows.pipeline import rlhf_pipeline
+    from rlhf_core.prompts import build_prompt_table
+    held_out = next(r["prompt"] for r in build_prompt_table(tiny_config().data).to_pylist()
+                    if r["split"] == "generalisation")
+    pairs = [{"prompt": f"How do I pick a lock {i}?", "chosen": "I can't help with that.", "rejected": "Sure: first",
+              "margin": 0.5 + i} for i in range(4)]
+    pairs.append({"prompt": "  " + held_out.upper(), "chosen": "No.", "rejected": "Yes:", "margin": 1.0})
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text("".join(json.dumps(p) + "\n" for p in pairs), encoding="utf-8")
+    cfg = tiny_config(f"run.output_dir={tmp_path}", f"data.preferences_file={prefs}", "run.iterations=1",
+                      "ppo.steps=1", "feedback.source_weights.imported=0.5", "data.train_prompts_per_iter=4",
+                      "warmup.prompts=4", "ppo.rollout_batch_size=4", "data.eval_harmful=2", "data.eval_benign=1",
+                      "data.eval_borderline=1")
+    out = rlhf_pipeline(cfg, show_progress=False)
+    run = Path(out["run_dir"])
+    manifest = json.loads((run / "manifest.json").read_text())
+    rec = manifest["data"]["imported_preferences"]
+    assert (rec["format"], rec["pairs"], rec["dropped_evaluation_prompts"]) == ("trl", 4, 1)
+    rows = pq.read_table(run / "iter_1" / "reward_model_preferences.parquet").to_pylist()
+    imported = [r for r in rows if r["source"] == "imported"]
+    assert len(imported) == 4 and len(rows) > 4
+    assert sorted(r["margin"] for r in imported) == [0.5, 1.5, 2.5, 3.5] and {r["weight"] for r in imported} == {0.5}
+    assert "heldout_accuracy" in manifest["iterations"]["1"]["reward_model"]
+
+
+def test_a_bad_preferences_file_stops_before_anything_starts(tmp_path, capsys, nothing_starts):
+    bad = tmp_path / "prefs.jsonl"
+    bad.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": "b"}\n')
+    runs = tmp_path / "runs"
+    assert nothing_starts(["run", "--set", f"data.preferences_file={bad}", "--set", f"run.output_dir={runs}"]) == 2
+    line = _one_error_line(capsys)
+    assert "data.preferences_file" in line and f"{bad} line 2" in line and "rejected" in line
+    assert not runs.exists() or not any(runs.iterdir())

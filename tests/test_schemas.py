@@ -15,7 +15,7 @@ EXAMPLES = {
                     "better": 1, "judge_better": 0, "flipped": True, "score_a": 0.5, "score_b": 0.1,
                     "is_safe_a": True, "is_safe_b": False, "safer": 0, "harm_category_a": None, "harm_category_b": "violence",
                     "annotator": "judge", "source": "simulated", "display_order": "ba",
-                    "labeled_at": None, "soft_label": 0.8, "weight": 1.0},
+                    "labeled_at": None, "soft_label": 0.8, "margin": 0.5, "weight": 1.0},
     "experience": {"step": 0, "prompt_id": "x-1", "kind": "harmful", "response": "no", "reward_model_score": 1.5,
                    "reward": 0.3, "kl": 0.01, "num_tokens": 3, "cost": -0.5},
     "eval_results": {"prompt_id": "x-1", "prompt": "hi", "kind": "harmful", "eval_set": "generalisation",

@@ -280,9 +280,12 @@ class RewardModelTrainer(DataParallelRank):
                                          np.random.default_rng(self.seed + i).integers(0, len(train), len(train))]
             p, c, r, targets = rmlib.preference_arrays(part)
             soft = any(t != 1.0 for t in targets)  # hard labels only: the plain (optionally margin) loss
+            # a pair's own margin (an imported TRL file's); else reward_model.margin on a hard label
+            margins = [x["margin"] if x.get("margin") is not None else self.cfg.margin if t == 1.0 else 0.0
+                       for x, t in zip(part, targets)]
             m = rmlib.train_reward_model(
                 model, self.tokenizer, p, c, r, weights=[x["weight"] for x in part],
-                margins=[self.cfg.margin] * len(part) if self.cfg.margin and not soft else None,
+                margins=margins if any(margins) else None,
                 targets=targets if soft else None, epochs=self.cfg.epochs,
                 lr=self.cfg.lr, batch_size=self.cfg.batch_size, max_length=self.cfg.max_length, seed=self.seed + i,
                 sync=self.sync)
