@@ -415,7 +415,8 @@ def _with_imported(st: RunState, k: int, preferences_path: str) -> str:
     feedback.source_weights.imported: iter_<k>/reward_model_preferences.parquet."""
     import pyarrow.compute as pc
     ours = schemas.read_table(preferences_path, schemas.PREFERENCES)
-    imported = schemas.read_table(st.manifest["data"]["imported_preferences"]["path"], schemas.PREFERENCES)
+    # from the run folder, wherever it is now (a resumed run may have moved)
+    imported = schemas.read_table(st.run_dir / "imported_preferences.parquet", schemas.PREFERENCES)
     w = float(st.cfg.feedback.source_weights.get("imported", 1.0))
     imported = imported.set_column(imported.schema.get_field_index("weight"), "weight",
                                    pc.multiply(imported.column("weight"), pa.scalar(w, pa.float32())))
