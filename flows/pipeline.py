@@ -28,7 +28,7 @@ import pyarrow as pa
 from prefect import flow
 from prefect.exceptions import TerminationSignal
 
-from flows import artifacts, interrupt, report, timeline
+from flows import artifacts, interrupt, report, timeline, training_log
 from flows.artifacts import artifact_key
 from flows.guard import check_reward_hacking, roll_back
 from flows.human_feedback import check_ready as check_human_feedback_ready
@@ -240,6 +240,7 @@ def evaluate(run_id: str, k: int, use_adapter: bool | None = None, with_reward_m
                                schemas.EVAL_RESULTS)
     metrics = summarize(rows)
     st.record(k, "eval", {"path": str(path), "sha256": schemas.file_sha256(path), "metrics": metrics})
+    st.log.evaluation(k, metrics)
     artifacts.table(artifact_key(run_id, f"iter-{k}-metrics"), report.metric_rows(metrics),
                     f"iteration {k}: rates per prompt set, evaluation judge, Wilson 95 % intervals")
     ci = lambda key: "[{:.0f}–{:.0f}]".format(*metrics[f"{key}_ci"])  # noqa: E731
@@ -378,6 +379,7 @@ def warm_up_policy(run_id: str, k: int) -> dict:
     # the merged policy is PPO's new reference: checkpoint it, a resumed run starts PPO from here
     metrics["checkpoint"] = st.workers.save_policy(str(st.iter_dir(k) / "warmup_policy"))
     st.record(k, "warmup", metrics)
+    st.log.per_iteration("supervised", k, metrics)
     return metrics
 
 
@@ -396,6 +398,7 @@ def _fit_scorer(st, k: int, preferences_path: str, name: str, train, metric: str
     if extra is not None:
         metrics.update(extra(pairs))
     st.record(k, name, {"path": str(dest), **metrics})
+    st.log.per_iteration(name, k, metrics)
     print(f"iteration {k}: {name.replace('_', ' ')} {label} {metrics.get(metric, float('nan')):.3f}")
     return str(dest)
 
@@ -469,7 +472,7 @@ def update_policy(run_id: str, k: int) -> str:
         if start:
             adv(start["step"])
         history, experience = st.workers.ppo(train, k, progress=adv, start=start,
-                                             on_step=lambda state: ppo_checkpoint(st, k, state))
+                                             on_step=lambda state: _after_ppo_step(st, k, state))
     exp_path = schemas.write_table(schemas.from_rows(experience, schemas.EXPERIENCE), d / "experience.parquet",
                                    schemas.EXPERIENCE)
     adapter = st.workers.save_policy(str(d / "policy_adapter"))
@@ -479,6 +482,12 @@ def update_policy(run_id: str, k: int) -> str:
                             "resumed_after_step": start["step"] if start else None})
     drop_ppo_checkpoints(st, k, keep=None)
     return adapter
+
+
+def _after_ppo_step(st: RunState, k: int, state: dict) -> None:
+    """A step checkpoint to resume from, and the step's statistics to TensorBoard."""
+    ppo_checkpoint(st, k, state)
+    st.log.ppo_step(k, st.cfg.ppo.steps, state["step"], state["history"][-1])
 
 
 @flow(name="rlhf_pipeline", log_prints=True)
@@ -512,7 +521,8 @@ def rlhf_pipeline(cfg: AlignflowConfig, run_id: str | None = None, show_progress
             else:                            # "stop", or a rollback with no earlier checkpoint
                 stopped_at = k
                 break
-        write_report(st, report.final_markdown(st, results, last_good, stopped_at), "alignflow run report")
+        plots = training_log.make_plots(st, results, last_good)
+        write_report(st, report.final_markdown(st, results, last_good, stopped_at, plots), "alignflow run report")
         adapter = st.manifest["iterations"][str(last_good)]["policy"]["adapter"] if last_good else None
         st.manifest["final"] = {"metrics": results[last_good], "base": results[0], "iteration": last_good,
                                 "adapter": adapter}
@@ -571,6 +581,7 @@ def managed_run(cfg: AlignflowConfig, run_id: str | None, show_progress: bool | 
     finally:
         st.timeline()["flow_finished"] = time.time()
         st.save_manifest()
+        st.log.close()
         if st.workers is not None:
             st.workers.shutdown()
         RUNS.pop(st.run_id, None)

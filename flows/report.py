@@ -201,9 +201,11 @@ def reward_model_table(st, K: int) -> str:
     return "\n".join(lines) if len(lines) > 2 else "No reward model was trained."
 
 
-def final_markdown(st, results: dict, final: int | None = None, stopped_at: int | None = None) -> str:
+def final_markdown(st, results: dict, final: int | None = None, stopped_at: int | None = None,
+                   plots: list[tuple[str, str]] = ()) -> str:
     """The run's report: every iteration's metrics, and the verdict on the policy the run keeps
-    (`final`: the last iteration without a reward-hacking alert that stopped or rolled it back)."""
+    (`final`: the last iteration without a reward-hacking alert that stopped or rolled it back);
+    `plots`: (title, path relative to the run folder) of flows.training_log.make_plots."""
     from rlhf_core.evaluation import meets_target
     K = max(results)
     final = K if final is None else final
@@ -231,6 +233,9 @@ def final_markdown(st, results: dict, final: int | None = None, stopped_at: int 
         f"than the base).{kept}", "",
         *([f"Reward-hacking alerts: {len(alerts)} (" + ", ".join(sorted({a['detector'] for a in alerts})) + ").", ""]
           if alerts else []),
+        *(["## Plots", "", *[f"![{title}]({path})" for title, path in plots], "",
+            "Per step and per iteration in TensorBoard: `tensorboard --logdir " + str(st.run_dir.parent) + "`.", ""]
+          if plots else []),
         "## How it is measured", "", judge_markdown(), "",
         "## Reward model, held out by prompt", "", reward_model_table(st, K), "",
         *(["## Generalisation set by category", "", slices_table(b, f, name, "by_category", "generalisation"), ""]

@@ -58,8 +58,14 @@ class RunState:
     manifest: dict = field(default_factory=dict)
     workers: object = None          # workers.controller.RLHFWorkers
     progress: object = None         # flows.progress.ProgressUI
+    log: object = None              # flows.training_log.TrainingLog (TensorBoard)
     prompts: list = field(default_factory=list)   # rows of schemas.PROMPTS
     last_completed: str | None = None   # this process's last finished stage, for an interruption's record
+
+    def __post_init__(self):
+        if self.log is None:            # opens no file until a stage writes to it
+            from flows.training_log import TrainingLog
+            self.log = TrainingLog(self.run_dir)
 
     def iter_dir(self, k: int) -> Path:
         d = self.run_dir / f"iter_{k}"

@@ -104,6 +104,16 @@ def test_pipeline_two_iterations(ray_local, tiny_config, tmp_path):
     assert tl["process_start"] <= tl["prepared"] <= tl["flow_started"] <= tl["stages"][0]["start"] < tl["flow_finished"]
     report_md = (run / "report.md").read_text()
     assert "Where the time went" in report_md and "## Reward model, held out by prompt" in report_md
+    # training you can watch: TensorBoard's own reader loads the event files; the plots are in the report
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    steps = lambda tag: [e.step for e in events.Scalars(tag)]  # noqa: E731
+    assert steps("ppo/kl_to_reference") == [1, 2, 3, 4] and steps("ppo/clipfrac") == [1, 2, 3, 4]
+    assert steps("eval/generalisation/unsafe_compliance") == [0, 2] and steps("eval/in_distribution/over_refusal") == [0, 1, 2]
+    assert steps("reward_model/heldout_accuracy") == [1, 2] and steps("supervised/warmup_loss_first_epoch")
+    for png in ("rates", "ppo", "categories"):
+        assert (run / "plots" / f"{png}.png").stat().st_size > 1000 and f"(plots/{png}.png)" in report_md
 
     # the Prefect API (here the ephemeral one) holds a markdown artifact per iteration + the report
     from prefect.client.orchestration import get_client
