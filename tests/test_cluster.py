@@ -38,11 +38,11 @@ def test_a_whole_run_as_a_ray_job_on_a_separately_started_head(tmp_path):
     the repository and joins that cluster through the RAY_ADDRESS Ray sets; the tiny pipeline runs
     end to end (every stage, two reward-model ranks in one gloo group) and writes its run folder."""
     ports = []
-    for _ in range(2):
+    for _ in range(6):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             ports.append(s.getsockname()[1])
-    port, dashboard = ports
+    port, dashboard, agent, agent_grpc, runtime_env, metrics = ports
     # The head and the clients share a token of this test's own: whether Ray 2.60 turns token auth
     # on depends on whether ~/.ray/auth_token exists on the machine, which a fresh CI machine lacks.
     env = dict(os.environ, HF_HUB_OFFLINE="1", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
@@ -53,7 +53,11 @@ def test_a_whole_run_as_a_ray_job_on_a_separately_started_head(tmp_path):
     # (and only it: `ray stop` would also stop the test session's own Ray).
     head = subprocess.Popen([ray_cli, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
                              "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                             f"--dashboard-port={dashboard}"],
+                             f"--dashboard-port={dashboard}",
+                             # every agent port of its own: the defaults (52365, ...) may be taken by the
+                             # test session's own Ray, and the head's job agent then never comes up
+                             f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+                             f"--runtime-env-agent-port={runtime_env}", f"--metrics-export-port={metrics}"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     out_dir = tmp_path / "runs"
     settings = ["run.iterations=1", "ppo.steps=1", "data.train_prompts_per_iter=4", "warmup.prompts=4",
