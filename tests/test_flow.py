@@ -302,7 +302,8 @@ def test_safe_rlhf_with_ensemble_and_a_guard_that_stops(ray_local, tiny_config, 
 def test_imported_preferences_join_every_reward_model(ray_local, tiny_config, tmp_path):
     """data.preferences_file (TRL with margins): its pairs train the reward model beside the run's
     own, weighted by source_weights.imported, margins kept; a pair asking an evaluation prompt is
-    dropped before anything starts."""
+    dropped before anything starts. The policy is a random 2-layer Qwen2 (tests/test_architectures.py):
+    this is also the suite's Qwen2 pipeline, with LoRA on its projections."""
     from flows.pipeline import rlhf_pipeline
     from rlhf_core.prompts import build_prompt_table
     held_out = next(r["prompt"] for r in build_prompt_table(tiny_config().data).to_pylist()
@@ -312,7 +313,8 @@ def test_imported_preferences_join_every_reward_model(ray_local, tiny_config, tm
     pairs.append({"prompt": "  " + held_out.upper(), "chosen": "No.", "rejected": "Yes:", "margin": 1.0})
     prefs = tmp_path / "prefs.jsonl"
     prefs.write_text("".join(json.dumps(p) + "\n" for p in pairs), encoding="utf-8")
-    cfg = tiny_config(f"run.output_dir={tmp_path}", f"data.preferences_file={prefs}", "run.iterations=1",
+    cfg = tiny_config(f"run.output_dir={tmp_path}", f"data.preferences_file={prefs}", "policy.model=tiny:qwen2",
+                      "run.iterations=1",
                       "ppo.steps=1", "feedback.source_weights.imported=0.5", "data.train_prompts_per_iter=4",
                       "warmup.prompts=4", "ppo.rollout_batch_size=4", "data.eval_harmful=2", "data.eval_benign=1",
                       "data.eval_borderline=1")
@@ -326,6 +328,10 @@ def test_imported_preferences_join_every_reward_model(ray_local, tiny_config, tm
     assert len(imported) == 4 and len(rows) > 4
     assert sorted(r["margin"] for r in imported) == [0.5, 1.5, 2.5, 3.5] and {r["weight"] for r in imported} == {0.5}
     assert "heldout_accuracy" in manifest["iterations"]["1"]["reward_model"]
+    adapter = run / "iter_1" / "policy_adapter"
+    assert set(json.loads((adapter / "adapter_config.json").read_text())["target_modules"]) == {
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}      # Qwen2's, by "auto"
+    assert manifest["status"] == "completed" and (adapter / "merged_00.safetensors").is_file()
 
 
 def test_a_bad_preferences_file_stops_before_anything_starts(tmp_path, capsys, nothing_starts):
