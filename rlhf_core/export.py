@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
-from rlhf_core.io import temp_dir_beside
+from rlhf_core.io import atomic_dir
 
 ADAPTER_README = """\
 # Not a standalone PEFT adapter
@@ -62,18 +61,10 @@ def export_policy(base_model: str, adapter: str | os.PathLike, policy_cfg, out: 
     gen = model.generation_config
     gen.pad_token_id = policy.tokenizer.pad_token_id
     gen.eos_token_id = gen.eos_token_id if gen.eos_token_id is not None else policy.eos_id
-    tmp = temp_dir_beside(out, out.name + ".tmp")
-    try:
-        with torch.no_grad():
-            model.save_pretrained(tmp, safe_serialization=True)
+    with atomic_dir(out) as tmp, torch.no_grad():
+        model.save_pretrained(tmp, safe_serialization=True)
         policy.tokenizer.save_pretrained(tmp)
         (tmp / "README.md").write_text(card, encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

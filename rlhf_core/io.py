@@ -9,6 +9,7 @@ wrote. They get what a plain `open` / `mkdir` would give: 0666 / 0777 less the u
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -62,6 +63,22 @@ def temp_dir_beside(dest: str | os.PathLike, prefix: str) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=dest.parent))
     os.chmod(tmp, dir_mode())
     return tmp
+
+
+@contextmanager
+def atomic_dir(dest: str | os.PathLike, prefix: str | None = None) -> Iterator[Path]:
+    """An empty folder beside `dest` for the block to fill: it replaces `dest` (whole) if the block
+    ends without error, and is removed otherwise. A folder of model files is whole or absent."""
+    dest = Path(dest)
+    tmp = temp_dir_beside(dest, prefix or dest.name + ".tmp")
+    try:
+        yield tmp
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def path_component_problem(name: str) -> str | None:

@@ -10,9 +10,7 @@ change, and critic-free estimators skip the value head.
 """
 from __future__ import annotations
 
-import os
 import random
-import shutil
 from pathlib import Path
 
 import torch
@@ -34,7 +32,7 @@ from rlhf_core.algorithms import (
     token_level_rewards,
 )
 from rlhf_core.export import ADAPTER_README
-from rlhf_core.io import temp_dir_beside
+from rlhf_core.io import atomic_dir
 from rlhf_core.optim import GradSync, GuardedStep, shard_rows
 from rlhf_core.policy import Policy, RolloutBatch
 
@@ -311,8 +309,7 @@ class PolicyTrainer:
         (`state_dict`), written to a temp folder, then renamed: a checkpoint is whole or absent."""
         from safetensors.torch import save_file
         dest_p = Path(dest)
-        tmp = temp_dir_beside(dest_p, dest_p.name + ".tmp")
-        try:
+        with atomic_dir(dest_p) as tmp:
             self.policy.model.save_pretrained(tmp)
             # it looks like a PEFT adapter but is not one alone (the merged files): say so inside it
             (tmp / "README.md").write_text(ADAPTER_README, encoding="utf-8")
@@ -324,12 +321,6 @@ class PolicyTrainer:
                 save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()},
                           str(tmp / f"{name}.safetensors"))
             torch.save(self.state_dict(), tmp / TRAINER_STATE)
-            if dest_p.exists():
-                shutil.rmtree(dest_p)
-            os.rename(tmp, dest_p)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
         return str(dest_p)
 
     def load(self, src: str) -> None:

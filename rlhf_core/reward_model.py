@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from rlhf_core.algorithms import bradley_terry_loss, cost_model_loss
-from rlhf_core.io import temp_dir_beside
+from rlhf_core.io import atomic_dir, temp_dir_beside
 from rlhf_core.optim import GradSync, GuardedStep
 
 __all__ = [
@@ -391,14 +391,7 @@ def ensemble_member_path(folder: str | os.PathLike, i: int) -> Path:
 def save_ensemble(models, tokenizer, dest: str | os.PathLike) -> Path:
     """Save k reward models as dest/member_XX, all or nothing (built beside dest, then renamed in)."""
     dest = Path(dest)
-    tmp = temp_dir_beside(dest, f".{dest.name}.tmp")
-    try:
+    with atomic_dir(dest, f".{dest.name}.tmp") as tmp:
         for i, model in enumerate(models):
             save_reward_model(model, tokenizer, ensemble_member_path(tmp, i))
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return dest
